@@ -1,0 +1,235 @@
+"""KVPlugConfig: every knob of kvplug in one validated dataclass.
+
+Built from (lowest to highest precedence) defaults, a YAML file, KVPLUG_*
+environment variables and a dict (vLLM's ``kv_connector_extra_config``).
+A bad value fails at start-up with a message naming the key, the value and
+what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value kvplug cannot accept."""
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as "8GiB", "512 MiB", "2G", "4096"."""
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a size")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ValueError("not a size")
+    if n < 0:
+        raise ValueError("negative size")
+    return n
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError("not an integer")
+
+
+@dataclass(frozen=True)
+class KVPlugConfig:
+    # CPU tier: bytes of the one preallocated slab.
+    cpu_bytes: int = 4 * 2**30
+    # SSD tier: a directory (None disables the tier) and its byte budget.
+    ssd_path: str | None = None
+    ssd_bytes: int = 64 * 2**30
+    # "raw" is bit-exact; "int4h" is Hadamard-rotated INT4 (~3.7x fewer bytes).
+    codec: str = "raw"
+    # int4h quantization group along head_dim; 0 means the whole head.
+    int4h_group: int = 0
+    # CPU-tier eviction: "lru" or "s3fifo".
+    eviction: str = "lru"
+    # SSD: concurrent I/O threads, O_DIRECT use, write policy.
+    io_threads: int = 4
+    o_direct: str = "auto"
+    # "through": every stored block is queued for SSD at once (survives a
+    # restart); "back": only blocks evicted from the CPU tier go to SSD.
+    ssd_write: str = "through"
+    # Bounded write queue to SSD; a full queue drops the write (counted).
+    write_queue_blocks: int = 256
+    # Share the CPU slab through POSIX shared memory (another process maps it).
+    shared_memory: bool = True
+    # Directory for the shared-memory slab file.
+    shm_dir: str = "/dev/shm"
+    # Load a hit only when it beats recomputing (measured); "always" loads every hit.
+    load_policy: str = "always"
+    # Smallest hit worth loading, in tokens.
+    min_hit_tokens: int = 1
+    # Store partial tail blocks (token-granular hits).
+    store_partial_blocks: bool = True
+
+    _CHOICES = {
+        "codec": ("raw", "int4h"),
+        "eviction": ("lru", "s3fifo"),
+        "o_direct": ("auto", "on", "off"),
+        "ssd_write": ("through", "back"),
+        "load_policy": ("always", "auto"),
+    }
+    _SIZES = ("cpu_bytes", "ssd_bytes")
+
+    def __post_init__(self) -> None:
+        for key, accepted in self._CHOICES.items():
+            value = getattr(self, key)
+            if value not in accepted:
+                raise ConfigError(_message(key, value, " or ".join(map(repr, accepted))))
+        if self.cpu_bytes <= 0:
+            raise ConfigError(_message("cpu_bytes", self.cpu_bytes, 'a positive size such as "8GiB"'))
+        if self.ssd_path is not None and self.ssd_bytes <= 0:
+            raise ConfigError(_message("ssd_bytes", self.ssd_bytes, 'a positive size such as "100GiB"'))
+        if self.int4h_group < 0 or (self.int4h_group & (self.int4h_group - 1)):
+            raise ConfigError(_message("int4h_group", self.int4h_group, "0 (whole head) or a power of two"))
+        for key, low in (("io_threads", 1), ("write_queue_blocks", 1), ("min_hit_tokens", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(_message(key, getattr(self, key), f"an integer >= {low}"))
+
+    # -- builders -----------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "KVPlugConfig":
+        return cls(**_coerce(dict(values), source="config"))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "KVPlugConfig":
+        return cls(**_coerce(_env_values(environ), source="environment"))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "KVPlugConfig":
+        return cls(**_coerce(_yaml_values(path), source=str(path)))
+
+    @classmethod
+    def load(
+        cls,
+        values: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> "KVPlugConfig":
+        """Defaults < YAML (``config_file`` key or KVPLUG_CONFIG) < KVPLUG_* env < dict."""
+        values = dict(values or {})
+        env = _env_values(environ)
+        yaml_path = values.pop("config_file", None) or env.pop("config_file", None)
+        merged: dict[str, Any] = {}
+        if yaml_path:
+            merged.update(_coerce(_yaml_values(yaml_path), source=str(yaml_path)))
+        merged.update(_coerce(env, source="environment"))
+        merged.update(_coerce(values, source="config"))
+        return cls(**merged)
+
+    def replace(self, **changes: Any) -> "KVPlugConfig":
+        return dataclasses.replace(self, **_coerce(changes, source="config"))
+
+
+def _message(key: str, value: Any, accepted: str) -> str:
+    return f"kvplug config: {key}={value!r} is not accepted; expected {accepted}"
+
+
+def _field_kinds() -> dict[str, str]:
+    kinds = {}
+    for f in fields(KVPlugConfig):
+        if f.name in KVPlugConfig._SIZES:
+            kinds[f.name] = "size"
+        elif f.type in ("bool",):
+            kinds[f.name] = "bool"
+        elif f.type in ("int",):
+            kinds[f.name] = "int"
+        elif f.type == "str | None":
+            kinds[f.name] = "optional_str"
+        else:
+            kinds[f.name] = "str"
+    return kinds
+
+
+def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
+    kinds = _field_kinds()
+    out = {}
+    for key, value in values.items():
+        if key not in kinds:
+            raise ConfigError(
+                f"kvplug config ({source}): unknown key {key!r}; accepted keys: {', '.join(sorted(kinds))}"
+            )
+        kind = kinds[key]
+        try:
+            if kind == "size":
+                value = parse_size(value)
+            elif kind == "bool":
+                value = _parse_bool(value)
+            elif kind == "int":
+                value = _parse_int(value)
+            elif kind == "optional_str":
+                value = None if value in (None, "", "none", "None") else str(os.path.expanduser(str(value)))
+            elif not isinstance(value, str):
+                raise ValueError("not a string")
+        except ValueError:
+            accepted = {
+                "size": 'a size: bytes as an integer or a string such as "8GiB", "512MiB", "2GB"',
+                "bool": "true or false",
+                "int": "an integer",
+                "optional_str": "a path",
+                "str": "a string",
+            }[kind]
+            raise ConfigError(f"kvplug config ({source}): " + _message(key, value, accepted)[len("kvplug config: "):]) from None
+        out[key] = value
+    return out
+
+
+def _env_values(environ: Mapping[str, str] | None) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name.startswith("KVPLUG_"):
+            key = name[len("KVPLUG_"):].lower()
+            if key == "config":
+                key = "config_file"
+            out[key] = value
+    return out
+
+
+def _yaml_values(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml  # only needed when a file is given
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"kvplug config: cannot read YAML file {str(path)!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"kvplug config: {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"kvplug config: {str(path)!r} must hold a mapping of keys to values")
+    return data

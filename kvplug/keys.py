@@ -1,0 +1,58 @@
+"""Stable chained block keys.
+
+A block's key is xxh3-128 of (parent key, its token ids). The root parent is a
+fingerprint of everything that makes stored bytes mean something: model,
+layout, codec, parallel rank and kvplug's on-disk format version. Keys are
+stable across processes and restarts (never Python's ``hash()``, never vLLM's
+per-process-seeded block hashes), so a persistent store can trust them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+import xxhash
+
+FORMAT_VERSION = 1
+KEY_BYTES = 16
+
+
+def fingerprint(model: str, layout_desc: dict, codec: str, rank: int = 0, world_size: int = 1, extra: dict | None = None) -> bytes:
+    """Root key: changes whenever stored bytes would mean something else."""
+    doc = {
+        "format": FORMAT_VERSION,
+        "model": model,
+        "layout": layout_desc,
+        "codec": codec,
+        "rank": rank,
+        "world_size": world_size,
+        "extra": extra or {},
+    }
+    return xxhash.xxh3_128_digest(json.dumps(doc, sort_keys=True).encode())
+
+
+def tokens_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+
+
+def block_key(parent: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:
+    """Key of a block (full or partial) that holds ``tokens`` after ``parent``."""
+    h = xxhash.xxh3_128()
+    h.update(parent)
+    h.update(tokens_array(tokens).tobytes())
+    return h.digest()
+
+
+def chain_keys(root: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int, partial: bool = False) -> list[bytes]:
+    """Keys of consecutive blocks of ``tokens``; with ``partial`` also the tail block."""
+    arr = tokens_array(tokens)
+    n_full = len(arr) // block_tokens
+    keys, parent = [], root
+    for i in range(n_full):
+        parent = block_key(parent, arr[i * block_tokens:(i + 1) * block_tokens])
+        keys.append(parent)
+    if partial and len(arr) % block_tokens:
+        keys.append(block_key(parent, arr[n_full * block_tokens:]))
+    return keys
