@@ -1,0 +1,77 @@
+import pytest
+
+from kvplug.config import ConfigError, KVPlugConfig, parse_size
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8GiB", 8 * 2**30), ("512 MiB", 512 * 2**20), ("2G", 2 * 10**9), ("4096", 4096), (123, 123), ("1.5GiB", 3 * 2**29)],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8 parsecs", "", "-1", True, "GiB", None])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_defaults_are_valid():
+    cfg = KVPlugConfig()
+    assert cfg.codec == "raw" and cfg.ssd_path is None
+
+
+def test_from_dict_coerces_sizes_and_bools():
+    cfg = KVPlugConfig.from_dict({"cpu_bytes": "1GiB", "shared_memory": "false", "io_threads": "8"})
+    assert cfg.cpu_bytes == 2**30 and cfg.shared_memory is False and cfg.io_threads == 8
+
+
+def test_bad_choice_names_key_value_and_accepted():
+    with pytest.raises(ConfigError) as e:
+        KVPlugConfig.from_dict({"codec": "zstd"})
+    msg = str(e.value)
+    assert "codec" in msg and "'zstd'" in msg and "'raw'" in msg and "'int4h'" in msg
+
+
+def test_bad_size_names_key_and_format():
+    with pytest.raises(ConfigError) as e:
+        KVPlugConfig.from_dict({"cpu_bytes": "lots"})
+    assert "cpu_bytes" in str(e.value) and "8GiB" in str(e.value)
+
+
+def test_unknown_key_lists_accepted_keys():
+    with pytest.raises(ConfigError) as e:
+        KVPlugConfig.from_dict({"cpu_size": "1GiB"})
+    assert "cpu_size" in str(e.value) and "cpu_bytes" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value", [("io_threads", 0), ("int4h_group", 3), ("cpu_bytes", 0), ("write_queue_blocks", -1)])
+def test_out_of_range(key, value):
+    with pytest.raises(ConfigError, match=key):
+        KVPlugConfig.from_dict({key: value})
+
+
+def test_env_and_yaml_precedence(tmp_path):
+    y = tmp_path / "kvplug.yaml"
+    y.write_text("cpu_bytes: 1GiB\ncodec: int4h\neviction: s3fifo\n")
+    env = {"KVPLUG_CONFIG": str(y), "KVPLUG_CODEC": "raw", "KVPLUG_IO_THREADS": "2", "OTHER": "x"}
+    cfg = KVPlugConfig.load({"io_threads": 3}, environ=env)
+    assert cfg.cpu_bytes == 2**30  # from YAML
+    assert cfg.eviction == "s3fifo"  # from YAML
+    assert cfg.codec == "raw"  # env beats YAML
+    assert cfg.io_threads == 3  # dict beats env
+
+
+def test_yaml_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read YAML"):
+        KVPlugConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        KVPlugConfig.from_yaml(bad)
+
+
+def test_env_bad_value_names_source():
+    with pytest.raises(ConfigError, match="environment"):
+        KVPlugConfig.from_env({"KVPLUG_SSD_BYTES": "huge"})
