@@ -1,0 +1,48 @@
+"""The interfaces the store sees its tiers through.
+
+Every tier keeps blocks of ``block_bytes`` in slots of ``slot_stride`` bytes
+(``slots.slot_stride``), reports ``stats()`` and can be ``close()``d.
+
+The CPU tier is addressed by slot: the store owns keys, pins and eviction
+there, because connectors copy straight into and out of its slots. A tier
+below it (the SSD tier; later a remote one) is addressed by key, works
+asynchronously, keeps its own map and evicts on its own: a ``BackingTier``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Iterator, Protocol
+
+import numpy as np
+
+
+class Tier(Protocol):
+    block_bytes: int
+    slot_stride: int
+
+    def stats(self) -> dict[str, int | float]: ...
+
+    def close(self) -> None: ...
+
+
+class BackingTier(Tier, Protocol):
+    def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
+        """(key, parent, tokens) of every block it holds, to rebuild the index at start."""
+        ...
+
+    def contains(self, key: bytes) -> bool: ...
+
+    def write(self, key: bytes, parent: bytes, tokens: np.ndarray, data) -> Future[bool]:
+        """Store ``data`` (a CPU slot, kept unmodified until done). True = stored, or was already."""
+        ...
+
+    def read(self, key: bytes, out) -> Future[bool]:
+        """Fill ``out`` (a CPU slot). False = miss: absent, corrupt or I/O error (then dropped)."""
+        ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def flush(self) -> None:
+        """Wait for the writes in flight."""
+        ...

@@ -1,0 +1,182 @@
+"""CPUTier: one slab of fixed-size slots, allocated once.
+
+The slab is a uint8 tensor ``[num_slots, slot_stride]``. Slots are handed out
+and taken back through a free list: O(1) each way, and no fragmentation by
+construction since every slot has the same size.
+
+Memory comes from mmap, so it is page-aligned (an O_DIRECT SSD read can
+target a slot) and, in shared mode, backed by a file in a tmpfs directory
+(``/dev/shm``) that another process maps by name with ``CPUTier.attach``: the
+vLLM worker copies KV into the very slots the scheduler-side store handed out.
+The space is reserved up front (fallocate), so a too-small /dev/shm fails at
+start-up with a clear message instead of a SIGBUS mid-run. When CUDA is
+present the slab is pinned (cudaHostRegister) so host<->device copies can be
+asynchronous.
+
+Only the creating process allocates slots; an attached tier reads and writes
+slots the owner named. Not thread-safe: the store serialises allocate/free.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+import torch
+
+from kvplug.tiers.slots import slot_stride
+
+
+class CPUTier:
+    def __init__(self, memory: mmap.mmap, block_bytes: int, *, path: str | None, owner: bool):
+        self.block_bytes = block_bytes
+        self.slot_stride = slot_stride(block_bytes)
+        self.num_slots = len(memory) // self.slot_stride
+        self.path = path  # the shared-memory file, None for private memory
+        self.owner = owner
+        self._memory = memory
+        self.buffer = torch.frombuffer(memory, dtype=torch.uint8).view(self.num_slots, self.slot_stride)
+        self.pinned = _pin(self.buffer)
+        self._free = list(range(self.num_slots - 1, -1, -1)) if owner else []  # pop() gives slot 0 first
+        self._used = bytearray(self.num_slots)  # catches a double free
+
+    # -- opening --------------------------------------------------------------
+
+    @classmethod
+    def create(cls, capacity_bytes: int, block_bytes: int, name: str | None = None,
+               shm_dir: str = "/dev/shm") -> "CPUTier":
+        """A new slab of ``capacity_bytes // slot_stride`` slots; shared under ``name`` if one is given.
+
+        A stale file of the same name (a crashed run) is replaced; a process
+        still mapping it keeps its old memory.
+        """
+        stride = slot_stride(block_bytes)
+        num_slots = capacity_bytes // stride
+        if block_bytes <= 0 or num_slots < 1:
+            raise ValueError(f"kvplug CPU tier: cpu_bytes={capacity_bytes} holds no slot of {stride} bytes "
+                             f"(block_bytes={block_bytes}); expected at least {stride}")
+        size = num_slots * stride
+        if name is None:
+            return cls(mmap.mmap(-1, size), block_bytes, path=None, owner=True)
+        path = cls.shm_path(name, shm_dir)
+        if os.path.exists(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EFBIG):
+                    raise
+                os.unlink(path)
+                raise OSError(e.errno, f"kvplug CPU tier: no room for a {size}-byte slab in shm_dir={shm_dir!r} "
+                              f"({e.strerror}); lower cpu_bytes, point shm_dir at a larger tmpfs, or set "
+                              "shared_memory=false") from None
+            memory = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(memory, block_bytes, path=path, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, block_bytes: int, shm_dir: str = "/dev/shm") -> "CPUTier":
+        """Map the slab another process created under ``name``."""
+        path = cls.shm_path(name, shm_dir)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            stride = slot_stride(block_bytes)
+            if size < stride or size % stride:
+                raise ValueError(f"kvplug CPU tier: {path} holds {size} bytes, not whole slots of {stride} "
+                                 f"(block_bytes={block_bytes}): another layout or codec made it")
+            memory = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(memory, block_bytes, path=path, owner=False)
+
+    @staticmethod
+    def shm_path(name: str, shm_dir: str = "/dev/shm") -> str:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"kvplug CPU tier: shared-memory name {name!r} must be a plain file name")
+        return os.path.join(shm_dir, name)
+
+    @property
+    def name(self) -> str | None:
+        return None if self.path is None else os.path.basename(self.path)
+
+    # -- slots ----------------------------------------------------------------
+
+    def allocate(self) -> int | None:
+        """A free slot, or None when all are in use."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._used[slot] = 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        if not self.owner:
+            raise RuntimeError("kvplug CPU tier: an attached slab does not allocate; the owner frees slots")
+        if not self._used[slot]:
+            raise ValueError(f"kvplug CPU tier: slot {slot} is not allocated")
+        self._used[slot] = 0
+        self._free.append(slot)
+
+    def slot_view(self, slot: int) -> torch.Tensor:
+        """The whole slot (``slot_stride`` bytes, 4096-aligned): what an SSD transfer moves."""
+        return self.buffer[slot]
+
+    def block_view(self, slot: int) -> torch.Tensor:
+        """The block's bytes in a slot (``block_bytes``)."""
+        return self.buffer[slot, : self.block_bytes]
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def stats(self) -> dict[str, int | float]:
+        used = self.num_slots - len(self._free) if self.owner else 0
+        return {
+            "capacity_blocks": self.num_slots,
+            "capacity_bytes": self.num_slots * self.slot_stride,
+            "used_slots": used,
+            "free_slots": len(self._free),
+            "shared": int(self.path is not None),
+            "pinned": int(self.pinned),
+        }
+
+    # -- closing --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's mapping (the file stays: see ``unlink``)."""
+        if self._memory is None:
+            return
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.pinned = False
+        # No mmap.close(): tensors do not hold a buffer export, so closing would
+        # unmap memory that slot views elsewhere still point at. Every view
+        # keeps the mmap alive; the last one to go unmaps it.
+        self.buffer = None
+        self._memory = None
+
+    def unlink(self) -> None:
+        """Remove the shared-memory file; mappings stay valid until closed."""
+        if self.path is not None and os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def __enter__(self) -> "CPUTier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self.owner:
+            self.unlink()
+
+
+def _pin(buffer: torch.Tensor) -> bool:
+    """Page-lock the slab for fast async host<->device copies; False without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    return int(err) == 0

@@ -1,0 +1,116 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvplug.tiers.cpu import CPUTier
+from kvplug.tiers.slots import slot_stride
+
+BLOCK = 2 * 2 * 4 * 2 * 8 * 2  # 2 layers, K/V, 4 tokens, 2 heads, head 8, bf16 = 512 bytes
+STRIDE = slot_stride(BLOCK)
+
+
+@pytest.fixture(params=["private", "shared"])
+def tier(request, tmp_path):
+    name = "slab" if request.param == "shared" else None
+    t = CPUTier.create(5 * STRIDE + 100, BLOCK, name=name, shm_dir=str(tmp_path))
+    yield t
+    t.close()
+    t.unlink()
+
+
+def test_geometry_is_whole_aligned_slots(tier):
+    assert tier.num_slots == 5
+    assert tier.buffer.shape == (5, STRIDE) and tier.buffer.dtype == torch.uint8
+    assert tier.buffer.data_ptr() % 4096 == 0 and STRIDE % 4096 == 0
+    assert tier.slot_view(3).numel() == STRIDE and tier.slot_view(3).data_ptr() % 4096 == 0
+    assert tier.block_view(3).numel() == BLOCK
+    assert tier.stats()["capacity_blocks"] == 5
+
+
+def test_allocate_and_free_are_a_free_list(tier):
+    slots = [tier.allocate() for _ in range(5)]
+    assert sorted(slots) == list(range(5))
+    assert tier.allocate() is None and tier.num_free == 0
+    tier.free(slots[2])
+    assert tier.allocate() == slots[2]
+    tier.free(slots[0])
+    with pytest.raises(ValueError, match="not allocated"):
+        tier.free(slots[0])
+    assert tier.stats()["used_slots"] == 4
+
+
+def test_slots_hold_their_bytes_independently(tier):
+    a, b = tier.allocate(), tier.allocate()
+    tier.block_view(a).fill_(1)
+    tier.block_view(b).copy_(torch.arange(BLOCK, dtype=torch.int64).to(torch.uint8))
+    assert bool((tier.block_view(a) == 1).all())
+    assert tier.block_view(b)[:4].tolist() == [0, 1, 2, 3]
+
+
+def test_too_small_capacity_names_the_key():
+    with pytest.raises(ValueError, match="cpu_bytes=100"):
+        CPUTier.create(100, BLOCK)
+
+
+def test_shared_slab_is_seen_by_another_process(tmp_path):
+    owner = CPUTier.create(4 * STRIDE, BLOCK, name="kv-shared", shm_dir=str(tmp_path))
+    slot = owner.allocate()
+    owner.block_view(slot).fill_(42)
+    child = textwrap.dedent(f"""
+        from kvplug.tiers.cpu import CPUTier
+        t = CPUTier.attach("kv-shared", {BLOCK}, shm_dir={str(tmp_path)!r})
+        assert t.num_slots == 4 and t.allocate() is None
+        assert bool((t.block_view({slot}) == 42).all())
+        t.block_view({slot})[:3] = 7
+        t.close()
+    """)
+    subprocess.run([sys.executable, "-c", child], check=True)
+    assert owner.block_view(slot)[:4].tolist() == [7, 7, 7, 42]
+    owner.close()
+    owner.unlink()
+    assert not os.listdir(tmp_path)
+
+
+def test_attached_tier_does_not_free(tmp_path):
+    with CPUTier.create(2 * STRIDE, BLOCK, name="s", shm_dir=str(tmp_path)) as owner:
+        owner.allocate()
+        other = CPUTier.attach("s", BLOCK, shm_dir=str(tmp_path))
+        with pytest.raises(RuntimeError):
+            other.free(0)
+        other.close()
+    assert not os.listdir(tmp_path)  # the owner's context manager unlinks
+
+
+def test_attach_rejects_another_geometry(tmp_path):
+    with CPUTier.create(3 * STRIDE, BLOCK, name="g", shm_dir=str(tmp_path)):
+        with pytest.raises(ValueError, match="block_bytes"):
+            CPUTier.attach("g", 5000, shm_dir=str(tmp_path))
+
+
+def test_create_replaces_a_stale_file(tmp_path):
+    (tmp_path / "stale").write_bytes(b"x" * 10)
+    with CPUTier.create(2 * STRIDE, BLOCK, name="stale", shm_dir=str(tmp_path)) as t:
+        assert os.path.getsize(t.path) == 2 * STRIDE
+        assert t.name == "stale"
+
+
+def test_bad_names_are_rejected(tmp_path):
+    for bad in ("", "a/b", ".."):
+        with pytest.raises(ValueError, match="plain file name"):
+            CPUTier.create(STRIDE, BLOCK, name=bad, shm_dir=str(tmp_path))
+
+
+def test_views_survive_close(tier):
+    view = tier.block_view(0)
+    tier.close()
+    view.fill_(3)  # the mapping lives as long as a view does
+    assert int(view[0]) == 3
+    tier.close()  # idempotent
+
+
+def test_not_pinned_without_cuda(tier):
+    assert tier.pinned == torch.cuda.is_available()
