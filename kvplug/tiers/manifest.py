@@ -1,0 +1,175 @@
+"""The SSD tier's manifest: one SQLite (WAL) row per stored block.
+
+A row is the only thing that makes a slot's bytes findable, so the tier
+commits it after the bytes are written and deletes it (committed) before the
+slot is reused. WAL with synchronous=NORMAL makes every commit survive a
+kill -9; a power cut may roll back the last few commits, which only turns
+those blocks into misses (slot headers and checksums catch any mismatch).
+
+A manifest that SQLite cannot read is moved aside (``*.corrupt``); the rows
+that can still be read from it are salvaged into a fresh one. Rows are plain
+columns, never pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from typing import Iterable, NamedTuple
+
+log = logging.getLogger("kvplug")
+
+SCHEMA_VERSION = 1
+
+_COLUMNS = "key, parent, tokens, segment, slot, checksum, fingerprint, format, last_access"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    key BLOB PRIMARY KEY,         -- 16-byte chained block key
+    parent BLOB NOT NULL,         -- parent's key (or the fingerprint for a first block)
+    tokens BLOB NOT NULL,         -- the block's token ids, little-endian int64
+    segment INTEGER NOT NULL,     -- segment file number
+    slot INTEGER NOT NULL,        -- slot within the segment
+    checksum INTEGER NOT NULL,    -- xxh3_64 of the block bytes, as signed int64
+    fingerprint BLOB NOT NULL,    -- root fingerprint the block was stored under
+    format INTEGER NOT NULL,      -- kvplug.keys.FORMAT_VERSION when stored
+    last_access INTEGER NOT NULL  -- logical clock, for LRU across restarts
+) WITHOUT ROWID;
+"""
+
+
+class Row(NamedTuple):
+    key: bytes
+    parent: bytes
+    tokens: bytes
+    segment: int
+    slot: int
+    checksum: int
+    fingerprint: bytes
+    format: int
+    last_access: int
+
+
+def _well_typed(r: tuple) -> bool:
+    # Salvaged rows come from a damaged file: trust nothing, not even types.
+    return len(r) == 9 and all(isinstance(v, bytes) for v in (r[0], r[1], r[2], r[6])) and all(
+        isinstance(v, int) for v in (r[3], r[4], r[5], r[7], r[8]))
+
+
+class Manifest:
+    """Thread-safe; every method is one short transaction."""
+
+    def __init__(self, path: str, geometry: dict[str, int]) -> None:
+        self.path = path
+        self.dropped_rows = 0      # rows found damaged while opening
+        self.reset_reason: str | None = None
+        self._lock = threading.Lock()
+        self._geometry = {"schema": SCHEMA_VERSION, **geometry}
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = self._connect()
+            self._check_geometry()
+            rows = self._all_rows()
+        except sqlite3.DatabaseError as e:
+            if self._conn is not None:
+                self._conn.close()
+            rows = self._salvage(str(e))
+        # Rows not even well typed are damage; the tier validates the rest.
+        good = [Row(*r) for r in rows if _well_typed(r)]
+        self.dropped_rows += len(rows) - len(good)
+        self.rows = good
+
+    # -- opening --------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {check}")
+            with conn:
+                conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _all_rows(self) -> list[tuple]:
+        return self._conn.execute(f"SELECT {_COLUMNS} FROM blocks ORDER BY last_access").fetchall()
+
+    def _salvage(self, why: str) -> list[tuple]:
+        """Read what rows we can from a damaged file, then start a fresh one."""
+        rows: list[tuple] = []
+        try:
+            conn = sqlite3.connect(self.path)
+            try:
+                meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+                if meta != self._geometry:
+                    raise sqlite3.DatabaseError("unknown slot geometry")
+                for r in conn.execute(f"SELECT {_COLUMNS} FROM blocks"):
+                    rows.append(tuple(r))
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            pass  # keep what was read before the damage
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
+        self.reset_reason = f"manifest {self.path} was damaged ({why}); salvaged {len(rows)} rows, moved it to .corrupt"
+        log.warning("kvplug SSD tier: %s", self.reset_reason)
+        self._conn = self._connect()
+        rows.sort(key=lambda r: r[8] if len(r) == 9 and isinstance(r[8], int) else 0)
+        with self._conn:
+            self._conn.executemany("INSERT INTO meta VALUES (?, ?)", self._geometry.items())
+            self._conn.executemany(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                                   (r for r in rows if _well_typed(r)))
+        return rows
+
+    def _check_geometry(self) -> None:
+        """Slot geometry must match what the rows were written with, else start empty."""
+        want = self._geometry
+        have = dict(self._conn.execute("SELECT name, value FROM meta").fetchall())
+        if have and have != want:
+            n = self._conn.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
+            log.warning("kvplug SSD tier: %s was written with %s, now %s; dropping its %d blocks",
+                        self.path, have, want, n)
+            self.reset_reason = "slot geometry changed"
+        if have != want:
+            with self._conn:
+                self._conn.execute("DELETE FROM blocks")
+                self._conn.execute("DELETE FROM meta")
+                self._conn.executemany("INSERT INTO meta VALUES (?, ?)", want.items())
+
+    # -- updates --------------------------------------------------------------
+
+    def insert(self, row: Row, touches: Iterable[tuple[int, bytes]] = ()) -> None:
+        """Commit a new row (and persist pending LRU touches on the way)."""
+        with self._lock, self._conn:
+            self._conn.execute(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row)
+            self._conn.executemany("UPDATE blocks SET last_access = ? WHERE key = ?", touches)
+
+    def delete(self, keys: Iterable[bytes]) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany("DELETE FROM blocks WHERE key = ?", ((k,) for k in keys))
+
+    def touch(self, touches: Iterable[tuple[int, bytes]]) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany("UPDATE blocks SET last_access = ? WHERE key = ?", touches)
+
+    def entries(self, fingerprint: bytes, fmt: int) -> list[tuple[bytes, bytes, bytes]]:
+        with self._lock:
+            return self._conn.execute(
+                "SELECT key, parent, tokens FROM blocks WHERE fingerprint = ? AND format = ?",
+                (fingerprint, fmt)).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("kvplug SSD tier: checkpoint of %s failed: %s", self.path, e)
+            self._conn.close()
