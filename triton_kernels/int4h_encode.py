@@ -1,0 +1,100 @@
+"""Fused int4h encode: gather paged blocks, rotate, quantize to 4 bits, pack.
+
+One program handles BLOCK_R (token, head) rows of K or V of one block and
+writes them straight into that block's row of the encoded buffer (layout in
+kvplug/codec_reference.py). No temporaries outside registers.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvplug.codec_reference import FP16_MAX, INV15, NAN16_BITS, check_group, hadamard_block, hadamard_norm
+from kvplug.triton_kernels.hadamard import fwht_tile
+
+
+@triton.jit
+def _int4h_encode_kernel(
+    kv_ptr, ids_ptr, out_ptr,
+    s_blk, s_kv, s_tok, s_head, s_dim, out_row_stride,
+    H: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+    G: tl.constexpr, NG: tl.constexpr, LOG2_HB: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    i = tl.program_id(0)
+    kv = tl.program_id(1)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, DP)
+    rmask = r < ROWS
+    dmask = d < D
+    blk = tl.load(ids_ptr + i).to(tl.int64)  # int64: large caches pass 2^31 elements
+    row_off = blk * s_blk + kv * s_kv + (r // H) * s_tok + (r % H) * s_head
+    x = tl.load(kv_ptr + row_off[:, None] + d[None, :] * s_dim, mask=rmask[:, None] & dmask[None, :], other=0.0)
+    y = fwht_tile(x.to(tl.float32), LOG2_HB, DP) * NORM
+
+    finite = tl.abs(y) < float("inf")  # false for NaN too
+    y = tl.where(finite, y, 0.0)
+    yg = tl.reshape(y, (BLOCK_R, DP // G, G))
+    valid = tl.reshape(tl.broadcast_to(dmask[None, :], (BLOCK_R, DP)), (BLOCK_R, DP // G, G))
+    nonfin = tl.reshape(tl.where(finite, 0, 1), (BLOCK_R, DP // G, G))
+    bad = tl.max(tl.where(valid, nonfin, 0), axis=2) > 0
+    mn = tl.where(bad, 0.0, tl.min(tl.where(valid, yg, float("inf")), axis=2))
+    mx = tl.where(bad, 0.0, tl.max(tl.where(valid, yg, float("-inf")), axis=2))
+    # groups past D (padding) have mn = inf, mx = -inf: clamped, and never stored
+    scale16 = tl.minimum(tl.maximum((mx - mn) * INV15, 0.0), FP16_MAX).to(tl.float16)
+    zero16 = tl.minimum(tl.maximum(mn, -FP16_MAX), FP16_MAX).to(tl.float16)
+    s = scale16.to(tl.float32)
+    z = zero16.to(tl.float32)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    q = tl.floor((yg - z[:, :, None]) * inv[:, :, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+    q = tl.where(bad[:, :, None], 0.0, q).to(tl.int32)
+
+    lo, hi = tl.split(tl.reshape(q, (BLOCK_R, DP // 2, 2)))
+    packed = (lo | (hi << 4)).to(tl.uint8)
+    c = tl.arange(0, DP // 2)
+    out_row = out_ptr + i.to(tl.int64) * out_row_stride
+    code_off = (kv * ROWS + r)[:, None] * (D // 2) + c[None, :]
+    tl.store(out_row + code_off, packed, mask=rmask[:, None] & (c[None, :] < D // 2))
+
+    sbits = tl.where(bad, NAN16_BITS, scale16.to(tl.int16, bitcast=True).to(tl.int32)).to(tl.int16)
+    zbits = tl.where(bad, NAN16_BITS, zero16.to(tl.int16, bitcast=True).to(tl.int32)).to(tl.int16)
+    g = tl.arange(0, DP // G)
+    gmask = rmask[:, None] & (g[None, :] < NG)
+    meta = (out_row + ROWS * D).to(tl.pointer_type(tl.int16))  # fp16 section, 2-byte aligned
+    meta_off = (kv * ROWS + r)[:, None] * NG + g[None, :]
+    tl.store(meta + meta_off, sbits, mask=gmask)
+    tl.store(meta + 2 * ROWS * NG + meta_off, zbits, mask=gmask)
+
+
+def launch_params(kv: torch.Tensor, group: int) -> dict:
+    """Constexprs shared by the encode and decode kernels for a paged view [nb, 2, T, H, D]."""
+    _, _, t, h, d = kv.shape
+    group = check_group(d, group)
+    dp = triton.next_power_of_2(d)
+    hb = hadamard_block(d)
+    # a whole-head group of a non-power-of-two head spans the padded tile
+    g = dp if group == d else group
+    return dict(H=h, ROWS=t * h, D=d, DP=dp, G=g, NG=d // group, LOG2_HB=hb.bit_length() - 1,
+                NORM=hadamard_norm(hb), BLOCK_R=max(1, min(triton.next_power_of_2(t * h), 4096 // dp)))
+
+
+def check_encoded(buf: torch.Tensor, kv: torch.Tensor) -> None:
+    if buf.data_ptr() % 2 or buf.stride(0) % 2:
+        raise ValueError("int4h buffer rows must start at even addresses (fp16 scales and zeros)")
+    # pinned host memory is device-addressable (UVA); pageable host memory is not
+    if buf.device != kv.device and not (kv.is_cuda and buf.device.type == "cpu" and buf.is_pinned()):
+        raise ValueError(f"encoded buffer is on {buf.device} (not pinned), paged KV on {kv.device}")
+
+
+def int4h_encode(kv: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor, group: int = 0) -> None:
+    """Encode blocks ``block_ids`` (int64, on kv's device) of the paged view kv into out uint8 [n, layer_bytes]."""
+    n = block_ids.numel()
+    if n == 0:
+        return
+    check_encoded(out, kv)
+    p = launch_params(kv, group)
+    grid = (n, 2, triton.cdiv(p["ROWS"], p["BLOCK_R"]))
+    # no FMA contraction: keeps the bytes identical to the torch reference
+    _int4h_encode_kernel[grid](kv, block_ids, out, *kv.stride(), out.stride(0), **p, enable_fp_fusion=False)
