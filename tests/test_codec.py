@@ -1,0 +1,131 @@
+"""Codec API on CPU (the torch reference path); the kernels are tested in tests/triton_kernels."""
+
+import pytest
+import torch
+
+from kvplug import codec_reference as ref
+from kvplug.codec import get_codec
+from kvplug.layout import KVLayout, paged_view
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def paged(kind, nb, lay, seed=0):
+    """One layer's paged KV in a vLLM physical layout, and its uniform view."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, d = lay.block_tokens, lay.num_kv_heads, lay.head_size
+    shape = {"2_nb": (2, nb, t, h, d), "nb_2": (nb, 2, t, h, d), "cpu_packed": (nb, h, t, 2 * d),
+             "nb_2_hnd": (nb, 2, h, t, d)}[kind]
+    kv = torch.randn(shape, generator=g).to(lay.torch_dtype)
+    if kind == "nb_2_hnd":
+        kv = kv.permute(0, 1, 3, 2, 4)
+    return kv, paged_view(kv, lay)
+
+
+def test_sizes_and_compression():
+    lay = KVLayout(32, 8, 128, 16, "bfloat16")
+    raw, q = get_codec("raw", lay), get_codec("int4h", lay)
+    assert raw.layer_bytes == 2 * 16 * 8 * 128 * 2 and raw.block_bytes == 32 * raw.layer_bytes
+    assert q.layer_bytes == 2 * 16 * 8 * (64 + 4) and q.block_bytes == 32 * q.layer_bytes
+    assert raw.layer_bytes / q.layer_bytes >= 3.7
+    assert get_codec("int4h", lay, 32).layer_bytes == 2 * 16 * 8 * (64 + 16)
+    assert q.describe() == {"name": "int4h", "format_version": 1, "group": 128, "hadamard_block": 128}
+
+
+def test_bad_arguments():
+    lay = KVLayout(2, 2, 80, 4)
+    with pytest.raises(ValueError, match="expected one of"):
+        get_codec("zstd", lay)
+    with pytest.raises(ValueError, match="power of two"):
+        get_codec("int4h", lay, 24)
+    with pytest.raises(ValueError, match="no group"):
+        get_codec("raw", lay, 16)
+    codec = get_codec("int4h", lay)
+    kv, view = paged("nb_2", 3, lay)
+    with pytest.raises(ValueError, match="paged view"):
+        codec.encode(kv[:, 0], [0], torch.zeros(1, codec.layer_bytes, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        codec.encode(view, [0, 1], torch.zeros(1, codec.layer_bytes, dtype=torch.uint8))
+    with pytest.raises(IndexError):
+        codec.encode(view, [3], torch.zeros(1, codec.layer_bytes, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("kind", ["2_nb", "nb_2", "cpu_packed", "nb_2_hnd"])
+def test_raw_round_trip_bit_exact(kind, dtype):
+    lay = KVLayout(2, 2, 64, 8, dtype)
+    codec = get_codec("raw", lay)
+    kv, view = paged(kind, 6, lay)
+    view.view(torch.uint8)[0, 0, 0, 0, :4] = 0xFF  # a NaN with a payload
+    ids = torch.tensor([5, 2, 0])
+    buf = torch.zeros(3, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, ids, buf)
+    assert torch.equal(buf[0].view(lay.torch_dtype).view(2, 8, 2, 64).view(torch.uint8),
+                       view[5].contiguous().view(torch.uint8))
+    kv2, view2 = paged(kind, 6, lay, seed=1)
+    before = view2.clone()
+    codec.decode(buf, view2, ids)
+    assert torch.equal(view2[ids].view(torch.uint8), view[ids].view(torch.uint8))
+    assert torch.equal(view2[[1, 3, 4]].view(torch.uint8), before[[1, 3, 4]].view(torch.uint8))
+
+
+@pytest.mark.parametrize("d,group", [(64, 0), (80, 0), (128, 0), (128, 32), (256, 0)])
+@pytest.mark.parametrize("kind", ["nb_2", "cpu_packed"])
+def test_int4h_round_trip_error(kind, d, group):
+    lay = KVLayout(2, 2, d, 4)
+    codec = get_codec("int4h", lay, group)
+    kv, view = paged(kind, 4, lay)
+    buf = torch.zeros(4, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, [3, 2, 1, 0], buf)
+    _, out = paged(kind, 4, lay, seed=1)
+    codec.decode(buf, out, [3, 2, 1, 0])
+    err = (out.float() - view.float()).norm() / view.float().norm()
+    assert 0.03 < err < 0.12
+
+
+def test_chunks_and_strided_slab_rows(monkeypatch):
+    lay = KVLayout(3, 2, 64, 4)
+    codec = get_codec("int4h", lay)
+    _, view = paged("2_nb", 9, lay)
+    ids = torch.tensor([8, 0, 3, 5, 1, 7, 2])
+    whole = torch.zeros(7, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, ids, whole)
+    monkeypatch.setattr(ref, "CHUNK_ELEMS", 2 * 2 * 4 * 2 * 64)  # two blocks a chunk
+    slab = torch.zeros(7, codec.block_bytes, dtype=torch.uint8)  # layer 1 of each slot
+    rows = slab[:, codec.layer_bytes : 2 * codec.layer_bytes]
+    codec.encode(view, ids, rows)
+    assert torch.equal(rows, whole) and not slab[:, : codec.layer_bytes].any()
+    _, a = paged("2_nb", 9, lay, seed=2)
+    _, b = paged("2_nb", 9, lay, seed=2)
+    codec.decode(rows, a, ids)
+    monkeypatch.setattr(ref, "CHUNK_ELEMS", 1 << 22)
+    codec.decode(whole, b, ids)
+    assert torch.equal(a, b)
+
+
+def test_empty_block_list():
+    lay = KVLayout(1, 2, 64, 4)
+    _, view = paged("nb_2", 2, lay)
+    before = view.clone()
+    for name in ("raw", "int4h"):
+        codec = get_codec(name, lay)
+        codec.encode(view, [], torch.empty(0, codec.layer_bytes, dtype=torch.uint8))
+        codec.decode(torch.empty(0, codec.layer_bytes, dtype=torch.uint8), view, torch.tensor([], dtype=torch.long))
+    assert torch.equal(view, before)
+
+
+def test_non_finite_poisons_only_its_hadamard_block():
+    lay = KVLayout(1, 2, 128, 4, "float16")
+    codec = get_codec("int4h", lay, 32)
+    _, view = paged("nb_2", 2, lay)
+    view[1, 0, 2, 1, 9] = float("inf")
+    view[1, 1, 0, 0, 100] = float("nan")
+    buf = torch.zeros(1, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, [1], buf)
+    _, out = paged("nb_2", 2, lay, seed=1)
+    codec.decode(buf, out, [1])
+    nan = out[1].isnan()
+    assert nan[0, 2, 1].all() and nan[1, 0, 0].all() and nan.sum() == 2 * 128  # Hadamard block = head
+    assert not torch.isinf(out).any()
+    fin = ~nan
+    assert ((out[1].float() - view[1].float())[fin].norm() / view[1].float()[fin].norm()) < 0.12
