@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import struct
 import threading
 from typing import Iterable, NamedTuple
+
+import xxhash
 
 log = logging.getLogger("kvplug")
 
 SCHEMA_VERSION = 1
 
-_COLUMNS = "key, parent, tokens, segment, slot, checksum, fingerprint, format, last_access"
+_COLUMNS = "key, parent, tokens, segment, slot, checksum, fingerprint, format, last_access, row_check"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
@@ -35,7 +38,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     checksum INTEGER NOT NULL,    -- xxh3_64 of the block bytes, as signed int64
     fingerprint BLOB NOT NULL,    -- root fingerprint the block was stored under
     format INTEGER NOT NULL,      -- kvplug.keys.FORMAT_VERSION when stored
-    last_access INTEGER NOT NULL  -- logical clock, for LRU across restarts
+    last_access INTEGER NOT NULL, -- logical clock, for LRU across restarts
+    row_check INTEGER NOT NULL    -- xxh3_64 of every column above but last_access
 ) WITHOUT ROWID;
 """
 
@@ -51,11 +55,26 @@ class Row(NamedTuple):
     format: int
     last_access: int
 
+    def with_check(self) -> tuple:
+        return (*self, row_check(self))
 
-def _well_typed(r: tuple) -> bool:
-    # Salvaged rows come from a damaged file: trust nothing, not even types.
-    return len(r) == 9 and all(isinstance(v, bytes) for v in (r[0], r[1], r[2], r[6])) and all(
-        isinstance(v, int) for v in (r[3], r[4], r[5], r[7], r[8]))
+
+def row_check(r: Row) -> int:
+    """Catches a damaged row that SQLite's own checks let through (a flipped key, slot, ...)."""
+    h = xxhash.xxh3_64()
+    for blob in (r.key, r.parent, r.tokens, r.fingerprint):
+        h.update(struct.pack("<Q", len(blob)))
+        h.update(blob)
+    h.update(struct.pack("<qqqq", r.segment, r.slot, r.checksum, r.format))
+    c = h.intdigest()
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _intact(r: tuple) -> bool:
+    # Rows may come from a damaged file: trust nothing, not even types.
+    return (len(r) == 10 and all(isinstance(v, bytes) for v in (r[0], r[1], r[2], r[6]))
+            and all(isinstance(v, int) for v in (r[3], r[4], r[5], r[7], r[8], r[9]))
+            and r[9] == row_check(Row(*r[:9])))
 
 
 class Manifest:
@@ -63,8 +82,8 @@ class Manifest:
 
     def __init__(self, path: str, geometry: dict[str, int]) -> None:
         self.path = path
-        self.dropped_rows = 0      # rows found damaged while opening
         self.reset_reason: str | None = None
+        self.dropped_rows = 0      # rows found damaged (and deleted) while opening
         self._lock = threading.Lock()
         self._geometry = {"schema": SCHEMA_VERSION, **geometry}
         self._conn: sqlite3.Connection | None = None
@@ -72,14 +91,16 @@ class Manifest:
             self._conn = self._connect()
             self._check_geometry()
             rows = self._all_rows()
-        except sqlite3.DatabaseError as e:
+        except Exception as e:  # a damaged file raises more than DatabaseError (bad UTF-8, ...)
             if self._conn is not None:
                 self._conn.close()
-            rows = self._salvage(str(e))
-        # Rows not even well typed are damage; the tier validates the rest.
-        good = [Row(*r) for r in rows if _well_typed(r)]
-        self.dropped_rows += len(rows) - len(good)
-        self.rows = good
+            rows = self._salvage(f"{type(e).__name__}: {e}")
+        bad = [(r[0],) for r in rows if not _intact(r)]
+        if bad:
+            with self._conn:
+                self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
+        self.dropped_rows = len(bad)
+        self.rows = [Row(*r[:9]) for r in rows if _intact(r)]
 
     # -- opening --------------------------------------------------------------
 
@@ -114,7 +135,7 @@ class Manifest:
                     rows.append(tuple(r))
             finally:
                 conn.close()
-        except sqlite3.Error:
+        except Exception:
             pass  # keep what was read before the damage
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(self.path + suffix):
@@ -122,11 +143,11 @@ class Manifest:
         self.reset_reason = f"manifest {self.path} was damaged ({why}); salvaged {len(rows)} rows, moved it to .corrupt"
         log.warning("kvplug SSD tier: %s", self.reset_reason)
         self._conn = self._connect()
-        rows.sort(key=lambda r: r[8] if len(r) == 9 and isinstance(r[8], int) else 0)
         with self._conn:
             self._conn.executemany("INSERT INTO meta VALUES (?, ?)", self._geometry.items())
-            self._conn.executemany(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                                   (r for r in rows if _well_typed(r)))
+            self._conn.executemany(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                                   (r for r in rows if _intact(r)))
+        rows.sort(key=lambda r: r[8] if _intact(r) else 0)
         return rows
 
     def _check_geometry(self) -> None:
@@ -149,7 +170,8 @@ class Manifest:
     def insert(self, row: Row, touches: Iterable[tuple[int, bytes]] = ()) -> None:
         """Commit a new row (and persist pending LRU touches on the way)."""
         with self._lock, self._conn:
-            self._conn.execute(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row)
+            self._conn.execute(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                               row.with_check())
             self._conn.executemany("UPDATE blocks SET last_access = ? WHERE key = ?", touches)
 
     def delete(self, keys: Iterable[bytes]) -> None:

@@ -35,8 +35,8 @@ def pack(slot, block_bytes: int, fingerprint: bytes, key: bytes) -> int:
 
 def verify(slot, block_bytes: int, fingerprint: bytes, key: bytes, csum: int) -> str | None:
     """None if the slot holds exactly the block the manifest expects, else what is wrong."""
-    magic, fmt, _, fp, hkey, length, hcsum = HEADER.unpack_from(slot, block_bytes)
-    if magic != MAGIC:
+    magic, fmt, reserved, fp, hkey, length, hcsum = HEADER.unpack_from(slot, block_bytes)
+    if magic != MAGIC or reserved != 0:
         return "header"
     if fmt != FORMAT_VERSION or fp != fingerprint:
         return "foreign"

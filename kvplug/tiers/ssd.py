@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import xxhash
 
-from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, tokens_array
+from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
 from kvplug.tiers import slot_header
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
 from kvplug.tiers.manifest import Manifest, Row
@@ -119,14 +119,13 @@ class SSDTier:
     def _load(self) -> None:
         """Index the manifest's rows; drop (and count) the ones that cannot be right."""
         manifest = self._manifest
-        self._count("corruptions", manifest.dropped_rows)
+        bad = manifest.dropped_rows  # failed their row check
         own, foreign, used, drop = [], [], set(), []
         for r in manifest.rows:  # oldest access first
             g = r.segment * self.slots_per_segment + r.slot
             if not 0 <= r.slot < self.slots_per_segment or g in used or len(r.key) != KEY_BYTES \
-                    or len(r.tokens) % 8 or r.key != block_key(r.parent, np.frombuffer(r.tokens, "<i8")):
-                self._count("corruptions")
-                self._count("corruptions_manifest")
+                    or len(r.tokens) % 8:
+                bad += 1
                 drop.append(r.key)
             elif not 0 <= g < self.num_slots:
                 drop.append(r.key)  # capacity shrank since
@@ -136,6 +135,8 @@ class SSDTier:
                 (foreign if is_foreign else own).append((r.key, _Entry(g, r.checksum, is_foreign)))
         if drop:
             manifest.delete(drop)
+        self._count("corruptions", bad)
+        self._count("corruptions_manifest", bad)
         # Blocks of another model or format are never served here: evict them first.
         self._index.update(foreign + own)
         self._free = [g for g in range(self.num_slots - 1, -1, -1) if g not in used]
