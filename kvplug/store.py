@@ -1,4 +1,4 @@
-"""TieredStore: the one object connectors talk to.  (INTERFACE STUB — to be implemented)
+"""TieredStore: the one object connectors talk to.
 
 Looks up, stores, loads and moves KV blocks between the CPU tier (a slab of
 fixed-size slots, optionally in POSIX shared memory so a worker process maps
@@ -17,14 +17,42 @@ Nothing half-written is ever found; nothing pinned is ever evicted.
 
 Copy-on-write: stored blocks are immutable and shared by every request that
 hits them; storing a key that exists is a no-op.
+
+What the store keeps (under one lock; SSD futures complete on I/O threads):
+  _index     every block a lookup may find: visible in a CPU slot, or on SSD
+  _resident  every block holding a CPU slot: being stored, being promoted,
+             visible, or evicted but held by pins until its last user is done
+  _policy    the visible resident blocks that may be evicted
+  _on_ssd    blocks the SSD tier confirmed (it may drop some on its own: a
+             read then misses, and lookups check before promising them)
+A block's pins are loads in flight plus an SSD transfer of its slot in flight.
+SSD calls are made outside the lock, and so are the byte copies.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import logging
+import os
+import secrets
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import partial
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
+
+from kvplug.config import KVPlugConfig
+from kvplug.eviction import make_policy
+from kvplug.index import PrefixIndex
+from kvplug.keys import block_key, tokens_array
+from kvplug.layout import KVLayout
+from kvplug.tiers.base import BackingTier
+from kvplug.tiers.cpu import CPUTier
+
+log = logging.getLogger("kvplug")
 
 
 @dataclass(frozen=True)
@@ -50,9 +78,461 @@ class StoreEntry:
     parent: bytes
     tokens: np.ndarray   # int64 token ids of this block (len <= block_tokens)
 
+    @classmethod
+    def of(cls, parent: bytes, tokens: Sequence[int] | np.ndarray) -> "StoreEntry":
+        tokens = tokens_array(tokens)
+        return cls(block_key(parent, tokens), parent, tokens)
+
 
 class LoadHandle:
-    """Completion handle of a load: ``done()``, ``wait(timeout)``, ``slots`` per
-    block once done, ``failed`` = indices of blocks that could not be read
-    (corrupt / I/O error: they are dropped from the store and must be
-    recomputed). Pins its blocks until ``TieredStore.complete_load``."""
+    """Completion handle of a load.
+
+    ``blocks``: one ref per block asked for, with the CPU slot it is (being)
+    read into. Once ``done()``: ``loadable`` is the prefix of them whose bytes
+    are in their slots, ``num_tokens`` its tokens, ``failed`` the indices of
+    the rest: the first block that could not be read (gone, corrupt, I/O
+    error, no slot free) and every block after it, since a prefix must be
+    contiguous. Pins its blocks until ``TieredStore.complete_load``.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: list[BlockRef] = []
+        self._pinned: list[bytes] = []
+        self._reading = 0
+        self._first_failed: int | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def loadable(self) -> list[BlockRef]:
+        return self.blocks[: self._first_failed]
+
+    @property
+    def failed(self) -> list[int]:
+        return list(range(len(self.loadable), len(self.blocks)))
+
+    @property
+    def slots(self) -> list[int]:
+        return [b.slot for b in self.loadable]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b.num_tokens for b in self.loadable)
+
+    def _add(self, ref: BlockRef, reading: bool) -> None:
+        self.blocks.append(ref)
+        self._pinned.append(ref.key)
+        self._reading += reading
+
+    def _prepared(self, refs: Sequence[BlockRef]) -> None:
+        """Close the list: refs that could not even be pinned fail at once."""
+        with self._lock:
+            if len(self.blocks) < len(refs):
+                self._first_failed = len(self.blocks)
+                self.blocks += [BlockRef(r.key, r.num_tokens, r.tier, None) for r in refs[len(self.blocks):]]
+            if self._reading == 0:
+                self._done.set()
+
+    def _read_done(self, i: int, ok: bool) -> None:
+        with self._lock:
+            if not ok and (self._first_failed is None or i < self._first_failed):
+                self._first_failed = i
+            self._reading -= 1
+            if self._reading == 0:
+                self._done.set()
+
+
+@dataclass(slots=True)
+class _Resident:
+    """A block that holds a CPU slot."""
+    slot: int
+    pins: int = 0
+    visible: bool = False   # stored (complete_store) or promoted: its bytes are valid
+    evicted: bool = False   # out of the policy: the slot goes back at the last unpin
+
+
+class TieredStore:
+    def __init__(self, config: KVPlugConfig, layout: KVLayout, block_bytes: int, fingerprint: bytes,
+                 name: str | None = None, *, ssd: BackingTier | None = None):
+        """``name``: the shared-memory slab's name (a unique one is made if None);
+        ``ssd``: a ready backing tier instead of the one ``config.ssd_path`` describes."""
+        self.config = config
+        self.root = fingerprint
+        self.block_tokens = layout.block_tokens
+        self.block_bytes = block_bytes
+        if config.shared_memory:
+            name = name or f"kvplug-{os.getpid()}-{secrets.token_hex(4)}"
+        self.cpu = CPUTier.create(config.cpu_bytes, block_bytes, name if config.shared_memory else None,
+                                  config.shm_dir)
+        if ssd is None and config.ssd_path:
+            from kvplug.tiers.ssd import SSDTier
+            ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
+                          io_threads=config.io_threads, o_direct=config.o_direct)
+        self.ssd = ssd
+        self._index = PrefixIndex(fingerprint, layout.block_tokens)
+        self._policy = make_policy(config.eviction, self.cpu.num_slots)
+        self._resident: dict[bytes, _Resident] = {}
+        self._storing: dict[bytes, StoreEntry] = {}       # prepared, not completed
+        self._on_ssd: set[bytes] = set()
+        self._writing: set[bytes] = set()                 # SSD writes queued or in flight
+        self._reading: dict[bytes, list[tuple[LoadHandle, int]]] = {}  # promotions: waiting handles
+        self._stats: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)      # SSD transfers finished
+        self._closed = False
+        if ssd is not None:
+            for key, parent, tokens in ssd.entries():
+                if self._index.insert(key, parent, tokens):
+                    self._on_ssd.add(key)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._index
+
+    # -- lookup -----------------------------------------------------------------
+
+    def lookup(self, tokens: Sequence[int] | np.ndarray) -> Hit:
+        """The longest stored prefix of ``tokens``, block by block, with each block's tier. Pins nothing."""
+        tokens = tokens_array(tokens)
+        with self._lock:
+            refs = []
+            for key, n in self._index.match(tokens):
+                block = self._resident.get(key)
+                if block is not None and block.visible:
+                    refs.append(BlockRef(key, n, "cpu", block.slot))
+                else:
+                    refs.append(BlockRef(key, n, "ssd", None))
+        for i, ref in enumerate(refs):  # the SSD tier evicts on its own: check before promising
+            if ref.tier == "ssd" and not self.ssd.contains(ref.key):
+                with self._lock:
+                    self._forget_ssd_copy(ref.key)
+                refs = refs[:i]
+                break
+        hit = Hit(sum(r.num_tokens for r in refs), refs)
+        self._count_lookup(len(tokens), hit)
+        return hit
+
+    def _count_lookup(self, num_tokens: int, hit: Hit) -> None:
+        blocks = -(-num_tokens // self.block_tokens)
+        cpu_tokens = sum(r.num_tokens for r in hit.blocks if r.tier == "cpu")
+        cpu_blocks = hit.count("cpu")
+        with self._lock:
+            s = self._stats
+            s["lookups"] += 1
+            s["lookup_tokens"] += num_tokens
+            s["hit_tokens"] += hit.num_tokens
+            s["cpu_hit_blocks"] += cpu_blocks
+            s["cpu_hit_tokens"] += cpu_tokens
+            s["cpu_miss_blocks"] += blocks - cpu_blocks
+            s["cpu_miss_tokens"] += num_tokens - cpu_tokens
+            if self.ssd is not None:  # the SSD tier sees what the CPU tier missed
+                s["ssd_hit_blocks"] += len(hit.blocks) - cpu_blocks
+                s["ssd_hit_tokens"] += hit.num_tokens - cpu_tokens
+                s["ssd_miss_blocks"] += blocks - len(hit.blocks)
+                s["ssd_miss_tokens"] += num_tokens - hit.num_tokens
+
+    # -- store ------------------------------------------------------------------
+
+    def prepare_store(self, entries: Sequence[StoreEntry]) -> list[int | None]:
+        """A reserved CPU slot per entry for the caller to fill; None where the
+        key is stored already (copy-on-write: nothing to do) or no slot could
+        be freed (everything pinned)."""
+        slots: list[int | None] = []
+        jobs: list[Callable[[], None]] = []
+        with self._lock:
+            for entry in entries:
+                if not 0 < len(entry.tokens) <= self.block_tokens:
+                    raise ValueError(f"a block holds 1..{self.block_tokens} tokens, got {len(entry.tokens)}")
+                if entry.key in self._index or entry.key in self._resident:
+                    self._stats["store_skipped_existing"] += 1
+                    slots.append(None)
+                    continue
+                slot = self._take_slot(jobs)
+                if slot is None:
+                    self._stats["store_no_slot"] += 1
+                else:
+                    self._resident[entry.key] = _Resident(slot)
+                    self._storing[entry.key] = entry
+                slots.append(slot)
+        self._run(jobs)
+        return slots
+
+    def complete_store(self, keys: Sequence[bytes]) -> None:
+        """The slots' bytes are written: the blocks become visible (and, write-through, go to SSD)."""
+        jobs: list[Callable[[], None]] = []
+        with self._lock:
+            for key in keys:
+                entry = self._storing.pop(key, None)
+                if entry is None:
+                    continue
+                self._resident[key].visible = True
+                self._index.insert(key, entry.parent, entry.tokens)
+                self._policy.insert(key)
+                self._stats["stored_blocks"] += 1
+                if self.ssd is not None and self.config.ssd_write == "through":
+                    self._queue_write(key, jobs)
+        self._run(jobs)
+
+    def abort_store(self, keys: Sequence[bytes]) -> None:
+        """Give back the slots of blocks that will not be written."""
+        with self._lock:
+            for key in keys:
+                if self._storing.pop(key, None) is not None:
+                    self._release(key)
+
+    def put(self, parent: bytes, tokens: Sequence[int] | np.ndarray, data) -> bool:
+        """Store one block's bytes synchronously; True when it is stored now (or already was)."""
+        entry = StoreEntry.of(parent, tokens)
+        (slot,) = self.prepare_store([entry])
+        if slot is None:
+            return entry.key in self
+        try:
+            _copy_into(self.cpu.block_view(slot), data)
+        except BaseException:
+            self.abort_store([entry.key])
+            raise
+        self.complete_store([entry.key])
+        return True
+
+    # -- load -------------------------------------------------------------------
+
+    def prepare_load(self, hit: Hit | Sequence[BlockRef]) -> LoadHandle:
+        """Pin the blocks of a hit; CPU blocks are ready at once, SSD-only ones are
+        read into fresh CPU slots (promoted) in the background."""
+        refs = list(hit.blocks if isinstance(hit, Hit) else hit)
+        handle = LoadHandle()
+        jobs: list[Callable[[], None]] = []
+        with self._lock:
+            for i, ref in enumerate(refs):
+                block = self._resident.get(ref.key)
+                if block is not None and block.visible:
+                    block.pins += 1
+                    self._policy.touch(ref.key)
+                    handle._add(BlockRef(ref.key, ref.num_tokens, "cpu", block.slot), reading=False)
+                elif block is not None and ref.key in self._reading:  # another load promotes it already
+                    block.pins += 1
+                    self._reading[ref.key].append((handle, i))
+                    handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", block.slot), reading=True)
+                elif block is None and ref.key in self._on_ssd and (slot := self._take_slot(jobs)) is not None:
+                    self._resident[ref.key] = _Resident(slot, pins=2)  # this load's pin + the read's
+                    self._reading[ref.key] = [(handle, i)]
+                    jobs.append(partial(self._submit_read, ref.key, slot))
+                    handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", slot), reading=True)
+                else:
+                    self._stats["load_misses"] += 1
+                    break  # gone since the lookup, or no slot: the hit ends here
+            self._stats["loads"] += 1
+            handle._prepared(refs)  # under the lock: no read can report before the list is closed
+        self._run(jobs)
+        return handle
+
+    def complete_load(self, handle: LoadHandle) -> None:
+        """The caller is done with the slots: unpin the blocks."""
+        with self._lock:
+            for key in handle._pinned:
+                self._unpin(key)
+            handle._pinned = []
+
+    def get(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, list[bytes]]:
+        """Synchronous load of the longest stored prefix: (tokens, each block's bytes)."""
+        handle = self.prepare_load(self.lookup(tokens))
+        handle.wait()
+        try:
+            return handle.num_tokens, [self.cpu.block_view(s).numpy().tobytes() for s in handle.slots]
+        finally:
+            self.complete_load(handle)
+
+    # -- slots, eviction, pins (caller holds the lock) ---------------------------
+
+    def _take_slot(self, jobs: list) -> int | None:
+        """A free CPU slot, evicting one unpinned block by policy if none is.
+
+        A victim not on SSD yet holds its slot until written back: that slot
+        comes too late for this caller (who never waits) and goes to the next
+        one. Evicting no more than asked keeps hot blocks in the CPU tier.
+        """
+        slot = self.cpu.allocate()
+        if slot is None:
+            victims = self._policy.evict(1, self._is_pinned)
+            if victims and self._evict(victims[0], jobs):
+                slot = self.cpu.allocate()
+        return slot
+
+    def _is_pinned(self, key: bytes) -> bool:
+        return self._resident[key].pins > 0
+
+    def _evict(self, key: bytes, jobs: list) -> bool:
+        """Take a block out of the CPU tier; True if its slot is free now.
+        One not on SSD yet is written back first (unless the queue is full)."""
+        self._stats["evictions"] += 1
+        block = self._resident[key]
+        block.evicted = True
+        if self.ssd is not None and key not in self._on_ssd and key not in self._writing:
+            self._queue_write(key, jobs)  # pins the slot until written
+        if block.pins == 0:
+            self._release(key)
+            return True
+        return False
+
+    def _unpin(self, key: bytes) -> None:
+        block = self._resident[key]
+        block.pins -= 1
+        if block.pins == 0 and block.evicted:
+            self._release(key)
+
+    def _release(self, key: bytes) -> None:
+        """Give a block's CPU slot back; a block on no tier any more leaves the index."""
+        block = self._resident.pop(key)
+        self._policy.remove(key)
+        self.cpu.free(block.slot)
+        if key not in self._on_ssd:
+            self._index.remove(key)
+
+    def _forget_ssd_copy(self, key: bytes) -> None:
+        self._on_ssd.discard(key)
+        block = self._resident.get(key)
+        if block is None or not block.visible:
+            self._index.remove(key)
+
+    # -- SSD transfers ------------------------------------------------------------
+
+    def _queue_write(self, key: bytes, jobs: list) -> None:
+        # Caller holds the lock. A full queue drops the write: never block the caller.
+        if len(self._writing) >= self.config.write_queue_blocks:
+            self._stats["writes_dropped"] += 1
+            return
+        self._writing.add(key)
+        self._resident[key].pins += 1
+        self._stats["writes_queued"] += 1
+        parent, tokens = self._index.entry(key)
+        jobs.append(partial(self._submit_write, key, parent, tokens, self._resident[key].slot))
+
+    def _run(self, jobs: list[Callable[[], None]]) -> None:
+        for job in jobs:
+            job()
+
+    def _submit_write(self, key: bytes, parent: bytes, tokens: np.ndarray, slot: int) -> None:
+        try:
+            future = self.ssd.write(key, parent, tokens, self.cpu.slot_view(slot))
+        except Exception as e:
+            future = _failed(e)
+        future.add_done_callback(partial(self._write_done, key))
+
+    def _write_done(self, key: bytes, future: cf.Future) -> None:
+        ok = _succeeded(future, "write")
+        with self._lock:
+            self._writing.discard(key)
+            self._stats["writes_done" if ok else "writes_failed"] += 1
+            if ok:
+                self._on_ssd.add(key)
+            self._unpin(key)
+            self._idle.notify_all()
+
+    def _submit_read(self, key: bytes, slot: int) -> None:
+        try:
+            future = self.ssd.read(key, self.cpu.slot_view(slot))
+        except Exception as e:
+            future = _failed(e)
+        future.add_done_callback(partial(self._read_done, key))
+
+    def _read_done(self, key: bytes, future: cf.Future) -> None:
+        ok = _succeeded(future, "read")
+        with self._lock:
+            waiting = self._reading.pop(key)
+            block = self._resident[key]
+            if ok:
+                block.visible = True
+                self._policy.insert(key)
+                self._stats["promotions"] += 1
+            else:  # corrupt, foreign, I/O error or evicted by the SSD tier: gone
+                self._stats["promotion_failures"] += 1
+                block.evicted = True
+                self._forget_ssd_copy(key)
+            self._unpin(key)
+            self._idle.notify_all()
+        for handle, i in waiting:
+            handle._read_done(i, ok)
+
+    # -- stats and lifetime ---------------------------------------------------------
+
+    def stats(self) -> dict[str, dict[str, int | float]]:
+        """Counters by section: "cpu" and "ssd" (hits/misses in blocks and tokens,
+        plus each tier's own figures) and "store" (lookups, evictions, SSD
+        write-backs queued/done/failed/dropped, promotions, ...)."""
+        with self._lock:
+            s = Counter(self._stats)
+            cpu_blocks = sum(b.visible for b in self._resident.values())
+            pinned = sum(b.pins > 0 for b in self._resident.values())
+            writing = len(self._writing)
+        out = {
+            "cpu": {**self.cpu.stats(), **_hits(s, "cpu"), "blocks": cpu_blocks,
+                    "bytes": cpu_blocks * self.block_bytes, "pinned_blocks": pinned},
+            "store": {k: s[k] for k in (
+                "lookups", "lookup_tokens", "hit_tokens", "stored_blocks", "store_skipped_existing",
+                "store_no_slot", "evictions", "writes_queued", "writes_done", "writes_failed",
+                "writes_dropped", "loads", "load_misses", "promotions", "promotion_failures")},
+        }
+        out["store"]["writes_in_flight"] = writing
+        if self.ssd is not None:
+            out["ssd"] = {**self.ssd.stats(), **_hits(s, "ssd")}
+        return out
+
+    def flush(self) -> None:
+        """Wait until every queued SSD write has finished."""
+        with self._idle:
+            self._idle.wait_for(lambda: not self._writing)
+        if self.ssd is not None:
+            self.ssd.flush()
+
+    def close(self) -> None:
+        """Finish SSD transfers, close the tiers, remove the shared-memory slab."""
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        with self._idle:
+            self._idle.wait_for(lambda: not self._reading)
+        if self.ssd is not None:
+            self.ssd.close()
+        self.cpu.close()
+        self.cpu.unlink()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _copy_into(dst: torch.Tensor, data) -> None:
+    """Copy a block's bytes (a contiguous tensor, array or bytes-like of any dtype) into a slot."""
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+    src = np.frombuffer(data, dtype=np.uint8)
+    if src.size != dst.numel():
+        raise ValueError(f"a block is {dst.numel()} bytes, got {src.size}")
+    np.copyto(dst.numpy(), src)
+
+
+def _hits(counts: Counter, tier: str) -> dict[str, int]:
+    return {k: counts[f"{tier}_{k}"] for k in ("hit_blocks", "hit_tokens", "miss_blocks", "miss_tokens")}
+
+
+def _failed(error: Exception) -> cf.Future:
+    future: cf.Future = cf.Future()
+    future.set_exception(error)
+    return future
+
+
+def _succeeded(future: cf.Future, what: str) -> bool:
+    error = future.exception()
+    if error is not None:
+        log.warning("kvplug store: SSD %s failed: %r", what, error)
+        return False
+    return bool(future.result())
