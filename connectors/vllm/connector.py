@@ -1,0 +1,121 @@
+"""KVPlugConnector: vLLM's KV connector interface, dispatching to the two halves.
+
+vLLM builds one per role: in EngineCore the scheduler half (which owns the
+TieredStore), in each worker the worker half (which copies bytes between the
+paged KV cache and the store's shared-memory slab). Not ``SupportsHMA``: vLLM
+then turns the hybrid KV cache manager off by itself, which changes nothing
+for full-attention models (one KV cache group either way).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvplug.config import KVPlugConfig
+
+from .geometry import geometry
+from .metadata import KVPlugMetadata
+from .scheduler import SchedulerHalf
+from .stats import KVPlugPromMetrics, KVPlugStats
+from .worker import WorkerHalf
+
+
+class KVPlugConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        config = KVPlugConfig.load(self._kv_transfer_config.kv_connector_extra_config)
+        geo = geometry(vllm_config, kv_cache_config, config)
+        self.scheduler: SchedulerHalf | None = None
+        self.worker: WorkerHalf | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = SchedulerHalf(config, geo, self._kv_transfer_config.kv_load_failure_policy)
+        else:
+            self.worker = WorkerHalf(config, geo)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped save is a future miss, never lost work
+
+    # -- scheduler side --------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        return self.scheduler.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output) -> None:
+        self.scheduler.update_connector_output(connector_output)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler.request_finished(request, block_ids)
+
+    def bind_kv_cache_manager(self, kv_cache_manager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self.scheduler.bind_kv_cache_manager(kv_cache_manager)
+
+    # -- worker side -----------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self.worker.start_load(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self.worker.wait_for_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        self.worker.save_layer(layer_name, self._meta())
+
+    def wait_for_save(self) -> None:
+        self.worker.wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self.worker.get_finished() or None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self.worker.take_worker_meta() if self.worker is not None else None
+
+    def _meta(self) -> KVPlugMetadata:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVPlugMetadata)
+        return meta
+
+    # -- both ------------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KVPlugStats | None:
+        half = self.scheduler or self.worker
+        return half.stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVPlugStats:
+        return KVPlugStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KVPlugPromMetrics:
+        return KVPlugPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def shutdown(self) -> None:
+        half = self.scheduler or self.worker
+        half.shutdown()

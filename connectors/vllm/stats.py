@@ -1,0 +1,78 @@
+"""kvplug's counters in vLLM's connector-stats pipeline.
+
+Both halves count into a ``KVPlugStats`` (a flat dict of numbers). vLLM sends
+the worker's to the front end with each step's output and merges the
+scheduler's in; the front end sums them (``aggregate``), logs them every
+interval ("KV Transfer metrics: ...") and feeds Prometheus counters
+(``vllm:kvplug_<name>``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+# name -> help text; every counter is a running total, reported as deltas.
+COUNTERS = {
+    "lookups": "Prompts looked up in kvplug",
+    "lookup_tokens": "Prompt tokens looked up (beyond vLLM's own prefix cache)",
+    "hit_tokens": "Prompt tokens loaded from kvplug instead of recomputed",
+    "hit_tokens_cpu": "Hit tokens whose block was in the CPU tier at lookup",
+    "hit_tokens_ssd": "Hit tokens whose block was promoted from the SSD tier",
+    "promotions": "Lookups that waited for SSD blocks to be promoted to CPU",
+    "promotion_failed_blocks": "SSD blocks that could not be read during promotion (treated as a miss)",
+    "loaded_blocks": "Blocks copied from kvplug into vLLM's KV cache",
+    "load_failed_blocks": "Blocks whose load failed in the worker (vLLM recomputes them)",
+    "stored_blocks": "Blocks written into kvplug (new keys only)",
+    "store_skipped_blocks": "Blocks not written: already stored, in flight, or no room",
+    "aborted_blocks": "Stores abandoned (their request's load failed in the same step)",
+    "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
+    "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
+    "load_seconds": "Worker time spent loading",
+    "save_seconds": "Worker time spent saving",
+}
+
+
+class KVPlugStats(KVConnectorStats):
+    def reset(self) -> None:
+        self.data = {}
+
+    def add(self, name: str, value: int | float = 1) -> None:
+        if value:
+            self.data[name] = self.data.get(name, 0) + value
+
+    def aggregate(self, other: KVConnectorStats) -> "KVPlugStats":
+        for name, value in other.data.items():
+            self.add(name, value)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(self.data.items())}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+    def take(self) -> "KVPlugStats | None":
+        """This interval's counts (None when nothing happened), and a fresh start."""
+        if self.is_empty():
+            return None
+        out = KVPlugStats(data=self.data)
+        self.data = {}
+        return out
+
+
+class KVPlugPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {}
+        for name, doc in COUNTERS.items():
+            counter = self._counter_cls(name=f"vllm:kvplug_{name}", documentation=doc, labelnames=labelnames)
+            for engine, values in per_engine_labelvalues.items():
+                self._counters[(engine, name)] = counter.labels(*values)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for name, value in transfer_stats_data.items():
+            counter = self._counters.get((engine_idx, name))
+            if counter is not None and value > 0:
+                counter.inc(value)
