@@ -1,32 +1,25 @@
 """TieredStore: the one object connectors talk to.
 
-Looks up, stores, loads and moves KV blocks between the CPU tier (a slab of
-fixed-size slots, optionally in POSIX shared memory so a worker process maps
-the same bytes) and the SSD tier (aligned segment files + SQLite manifest).
-
-A block is every layer of one block of tokens, encoded by the codec,
-layer-major; its bytes are ``block_bytes`` long and live in one CPU slot
-(``slot_stride >= block_bytes``, 4096-aligned, room for the SSD header) and/or
-one SSD slot.
+Looks up, stores, loads and moves KV blocks (``block_bytes`` each: every
+layer of one block of tokens, encoded) between the CPU tier (a slab of slots,
+optionally in shared memory that a worker process maps) and the SSD tier.
 
 Transfers are two-phase, as in vLLM's OffloadingManager:
-  prepare_store -> (caller writes the slot bytes) -> complete_store | abort_store
-  lookup -> prepare_load (pins; promotes SSD-only blocks into CPU slots in the
-  background) -> (caller waits for the handle, reads the slot bytes) -> complete_load
-Nothing half-written is ever found; nothing pinned is ever evicted.
+  prepare_store -> (caller fills the slots) -> complete_store | abort_store
+  lookup -> prepare_load (pins; SSD-only blocks are read into CPU slots in the
+  background) -> (caller waits for the handle, reads the slots) -> complete_load
+Nothing half-written is ever found; nothing pinned is ever evicted. Stored
+blocks are immutable and shared (copy-on-write): storing one that exists is a no-op.
 
-Copy-on-write: stored blocks are immutable and shared by every request that
-hits them; storing a key that exists is a no-op.
-
-What the store keeps (under one lock; SSD futures complete on I/O threads):
-  _index     every block a lookup may find: visible in a CPU slot, or on SSD
-  _resident  every block holding a CPU slot: being stored, being promoted,
-             visible, or evicted but held by pins until its last user is done
+State, under one lock (SSD futures complete on I/O threads):
+  _index     what a lookup may find: blocks visible in a CPU slot or on SSD
+  _resident  blocks holding a CPU slot: being stored, being promoted, visible,
+             or evicted but kept until their last pin goes
   _policy    the visible resident blocks that may be evicted
   _on_ssd    blocks the SSD tier confirmed (it may drop some on its own: a
              read then misses, and lookups check before promising them)
-A block's pins are loads in flight plus an SSD transfer of its slot in flight.
-SSD calls are made outside the lock, and so are the byte copies.
+A block's pins are its loads in flight plus an SSD transfer of its slot.
+SSD calls and byte copies happen outside the lock.
 """
 
 from __future__ import annotations
@@ -60,7 +53,7 @@ class BlockRef:
     key: bytes
     num_tokens: int      # tokens of this block the hit covers (<= block_tokens)
     tier: str            # "cpu" or "ssd": where the block is now
-    slot: int | None     # CPU slot when tier == "cpu"
+    slot: int | None     # CPU slot when tier == "cpu" (in a LoadHandle: the slot it is read into)
 
 
 @dataclass
@@ -168,8 +161,9 @@ class TieredStore:
         self.block_bytes = block_bytes
         if config.shared_memory:
             name = name or f"kvplug-{os.getpid()}-{secrets.token_hex(4)}"
+        # A shared slab is pinned by the worker that attaches it, where the GPU copies happen.
         self.cpu = CPUTier.create(config.cpu_bytes, block_bytes, name if config.shared_memory else None,
-                                  config.shm_dir)
+                                  config.shm_dir, pin=not config.shared_memory)
         if ssd is None and config.ssd_path:
             from kvplug.tiers.ssd import SSDTier
             ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
@@ -219,23 +213,16 @@ class TieredStore:
         return hit
 
     def _count_lookup(self, num_tokens: int, hit: Hit) -> None:
-        blocks = -(-num_tokens // self.block_tokens)
+        blocks, cpu_blocks = -(-num_tokens // self.block_tokens), hit.count("cpu")
         cpu_tokens = sum(r.num_tokens for r in hit.blocks if r.tier == "cpu")
-        cpu_blocks = hit.count("cpu")
+        counts = {"lookups": 1, "lookup_tokens": num_tokens, "hit_tokens": hit.num_tokens,
+                  "cpu_hit_blocks": cpu_blocks, "cpu_hit_tokens": cpu_tokens,
+                  "cpu_miss_blocks": blocks - cpu_blocks, "cpu_miss_tokens": num_tokens - cpu_tokens}
+        if self.ssd is not None:  # the SSD tier sees what the CPU tier missed
+            counts.update(ssd_hit_blocks=len(hit.blocks) - cpu_blocks, ssd_hit_tokens=hit.num_tokens - cpu_tokens,
+                          ssd_miss_blocks=blocks - len(hit.blocks), ssd_miss_tokens=num_tokens - hit.num_tokens)
         with self._lock:
-            s = self._stats
-            s["lookups"] += 1
-            s["lookup_tokens"] += num_tokens
-            s["hit_tokens"] += hit.num_tokens
-            s["cpu_hit_blocks"] += cpu_blocks
-            s["cpu_hit_tokens"] += cpu_tokens
-            s["cpu_miss_blocks"] += blocks - cpu_blocks
-            s["cpu_miss_tokens"] += num_tokens - cpu_tokens
-            if self.ssd is not None:  # the SSD tier sees what the CPU tier missed
-                s["ssd_hit_blocks"] += len(hit.blocks) - cpu_blocks
-                s["ssd_hit_tokens"] += hit.num_tokens - cpu_tokens
-                s["ssd_miss_blocks"] += blocks - len(hit.blocks)
-                s["ssd_miss_tokens"] += num_tokens - hit.num_tokens
+            self._stats.update(counts)
 
     # -- store ------------------------------------------------------------------
 
@@ -322,7 +309,8 @@ class TieredStore:
                 elif block is None and ref.key in self._on_ssd and (slot := self._take_slot(jobs)) is not None:
                     self._resident[ref.key] = _Resident(slot, pins=2)  # this load's pin + the read's
                     self._reading[ref.key] = [(handle, i)]
-                    jobs.append(partial(self._submit_read, ref.key, slot))
+                    jobs.append(partial(self._submit, self.ssd.read, (ref.key, self.cpu.slot_view(slot)),
+                                        partial(self._read_done, ref.key)))
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", slot), reading=True)
                 else:
                     self._stats["load_misses"] += 1
@@ -411,18 +399,20 @@ class TieredStore:
         self._resident[key].pins += 1
         self._stats["writes_queued"] += 1
         parent, tokens = self._index.entry(key)
-        jobs.append(partial(self._submit_write, key, parent, tokens, self._resident[key].slot))
+        data = self.cpu.slot_view(self._resident[key].slot)  # the whole slot: room for the SSD header
+        jobs.append(partial(self._submit, self.ssd.write, (key, parent, tokens, data), partial(self._write_done, key)))
 
     def _run(self, jobs: list[Callable[[], None]]) -> None:
         for job in jobs:
             job()
 
-    def _submit_write(self, key: bytes, parent: bytes, tokens: np.ndarray, slot: int) -> None:
+    @staticmethod
+    def _submit(start: Callable[..., cf.Future], args: tuple, done: Callable[[cf.Future], None]) -> None:
         try:
-            future = self.ssd.write(key, parent, tokens, self.cpu.slot_view(slot))
+            future = start(*args)
         except Exception as e:
             future = _failed(e)
-        future.add_done_callback(partial(self._write_done, key))
+        future.add_done_callback(done)
 
     def _write_done(self, key: bytes, future: cf.Future) -> None:
         ok = _succeeded(future, "write")
@@ -433,13 +423,6 @@ class TieredStore:
                 self._on_ssd.add(key)
             self._unpin(key)
             self._idle.notify_all()
-
-    def _submit_read(self, key: bytes, slot: int) -> None:
-        try:
-            future = self.ssd.read(key, self.cpu.slot_view(slot))
-        except Exception as e:
-            future = _failed(e)
-        future.add_done_callback(partial(self._read_done, key))
 
     def _read_done(self, key: bytes, future: cf.Future) -> None:
         ok = _succeeded(future, "read")

@@ -28,7 +28,7 @@ BLOCK = LAYOUT.raw_block_bytes()
 STRIDE = slot_stride(BLOCK)
 ROOT = b"p" * 16
 TOKENS = st.lists(st.integers(0, 2), min_size=1, max_size=12)  # tiny alphabet: shared prefixes
-SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
+SETTINGS = settings(max_examples=60, stateful_step_count=40, deadline=None)
 
 
 def data_for(key: bytes) -> bytes:

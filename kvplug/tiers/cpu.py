@@ -9,9 +9,13 @@ target a slot) and, in shared mode, backed by a file in a tmpfs directory
 (``/dev/shm``) that another process maps by name with ``CPUTier.attach``: the
 vLLM worker copies KV into the very slots the scheduler-side store handed out.
 The space is reserved up front (fallocate), so a too-small /dev/shm fails at
-start-up with a clear message instead of a SIGBUS mid-run. When CUDA is
-present the slab is pinned (cudaHostRegister) so host<->device copies can be
-asynchronous.
+start-up with a clear message instead of a SIGBUS mid-run.
+
+With ``pin`` and CUDA present, this process's mapping is page-locked
+(cudaHostRegister) so host<->device copies are fast and asynchronous. Pinning
+is per process: pin where the copies happen (the worker that attaches), not
+in a scheduler process that would only pay a CUDA context for it. Only memory
+on tmpfs (or anonymous) can be pinned; elsewhere the slab works unpinned.
 
 Only the creating process allocates slots; an attached tier reads and writes
 slots the owner named. Not thread-safe: the store serialises allocate/free.
@@ -19,7 +23,9 @@ slots the owner named. Not thread-safe: the store serialises allocate/free.
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import logging
 import mmap
 import os
 
@@ -27,9 +33,11 @@ import torch
 
 from kvplug.tiers.slots import slot_stride
 
+log = logging.getLogger("kvplug")
+
 
 class CPUTier:
-    def __init__(self, memory: mmap.mmap, block_bytes: int, *, path: str | None, owner: bool):
+    def __init__(self, memory: mmap.mmap, block_bytes: int, *, path: str | None, owner: bool, pin: bool):
         self.block_bytes = block_bytes
         self.slot_stride = slot_stride(block_bytes)
         self.num_slots = len(memory) // self.slot_stride
@@ -37,7 +45,7 @@ class CPUTier:
         self.owner = owner
         self._memory = memory
         self.buffer = torch.frombuffer(memory, dtype=torch.uint8).view(self.num_slots, self.slot_stride)
-        self.pinned = _pin(self.buffer)
+        self.pinned = pin and _pin(self.buffer)
         self._free = list(range(self.num_slots - 1, -1, -1)) if owner else []  # pop() gives slot 0 first
         self._used = bytearray(self.num_slots)  # catches a double free
 
@@ -45,7 +53,7 @@ class CPUTier:
 
     @classmethod
     def create(cls, capacity_bytes: int, block_bytes: int, name: str | None = None,
-               shm_dir: str = "/dev/shm") -> "CPUTier":
+               shm_dir: str = "/dev/shm", pin: bool = True) -> "CPUTier":
         """A new slab of ``capacity_bytes // slot_stride`` slots; shared under ``name`` if one is given.
 
         A stale file of the same name (a crashed run) is replaced; a process
@@ -58,7 +66,7 @@ class CPUTier:
                              f"(block_bytes={block_bytes}); expected at least {stride}")
         size = num_slots * stride
         if name is None:
-            return cls(mmap.mmap(-1, size), block_bytes, path=None, owner=True)
+            return cls(mmap.mmap(-1, size), block_bytes, path=None, owner=True, pin=pin)
         path = cls.shm_path(name, shm_dir)
         if os.path.exists(path):
             os.unlink(path)
@@ -76,10 +84,10 @@ class CPUTier:
             memory = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        return cls(memory, block_bytes, path=path, owner=True)
+        return cls(memory, block_bytes, path=path, owner=True, pin=pin)
 
     @classmethod
-    def attach(cls, name: str, block_bytes: int, shm_dir: str = "/dev/shm") -> "CPUTier":
+    def attach(cls, name: str, block_bytes: int, shm_dir: str = "/dev/shm", pin: bool = True) -> "CPUTier":
         """Map the slab another process created under ``name``."""
         path = cls.shm_path(name, shm_dir)
         fd = os.open(path, os.O_RDWR)
@@ -92,7 +100,7 @@ class CPUTier:
             memory = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        return cls(memory, block_bytes, path=path, owner=False)
+        return cls(memory, block_bytes, path=path, owner=False, pin=pin)
 
     @staticmethod
     def shm_path(name: str, shm_dir: str = "/dev/shm") -> str:
@@ -175,8 +183,23 @@ class CPUTier:
 
 
 def _pin(buffer: torch.Tensor) -> bool:
-    """Page-lock the slab for fast async host<->device copies; False without CUDA."""
+    """Page-lock the slab for fast async host<->device copies; False without CUDA or if refused."""
     if not torch.cuda.is_available():
         return False
     err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
-    return int(err) == 0
+    if int(err) == 0:
+        return True
+    # The refusal (e.g. a file mapping outside tmpfs) stays as CUDA's sticky
+    # "last error" and would fail the next unrelated CUDA call: clear it.
+    _clear_cuda_error()
+    log.info("kvplug CPU tier: slab not pinned (cudaHostRegister: %s); copies will be slower", err)
+    return False
+
+
+def _clear_cuda_error() -> None:
+    for soname in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            ctypes.CDLL(soname).cudaGetLastError()  # the copy torch loaded: same soname
+            return
+        except (OSError, AttributeError):
+            continue

@@ -112,5 +112,33 @@ def test_views_survive_close(tier):
     tier.close()  # idempotent
 
 
-def test_not_pinned_without_cuda(tier):
-    assert tier.pinned == torch.cuda.is_available()
+def test_pinned_only_with_cuda_and_asked(tier, tmp_path):
+    if not torch.cuda.is_available():
+        assert not tier.pinned
+    elif tier.path is None:  # anonymous memory can always be pinned
+        assert tier.pinned and tier.buffer.is_pinned()
+    with CPUTier.create(2 * STRIDE, BLOCK, pin=False) as unpinned:
+        assert not unpinned.pinned
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("shm_dir", ["/dev/shm", "tmp"])
+def test_pinned_slab_copies_to_and_from_the_gpu(shm_dir, tmp_path):
+    shm_dir = str(tmp_path) if shm_dir == "tmp" else shm_dir  # tmp: maybe not tmpfs, so maybe refused
+    with CPUTier.create(4 * STRIDE, BLOCK, name=f"kvplug-test-{os.getpid()}", shm_dir=shm_dir) as t:
+        a, b = t.allocate(), t.allocate()
+        t.block_view(a).copy_(torch.randint(0, 256, (BLOCK,), dtype=torch.uint8))
+        on_gpu = t.block_view(a).to("cuda", non_blocking=True)  # a refused pin must not break CUDA
+        t.block_view(b).copy_(on_gpu, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(t.block_view(a), t.block_view(b))
+        assert t.pinned == t.buffer.is_pinned()
+        if shm_dir == "/dev/shm":
+            assert t.pinned
+            attached = CPUTier.attach(t.name, BLOCK, shm_dir=shm_dir)
+            assert attached.pinned  # each process (each mapping) pins its own
+            attached.close()
