@@ -68,7 +68,7 @@ def probe_direct(directory: str) -> str | None:
 
 
 class FileIO:
-    """Plain positional I/O. Short transfers are reported, not retried."""
+    """Plain positional vectored I/O. Short transfers are reported, not retried."""
 
     def open(self, path: str, direct: bool) -> int:
         flags = os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0)
@@ -77,11 +77,11 @@ class FileIO:
     def close(self, fd: int) -> None:
         os.close(fd)
 
-    def pread(self, fd: int, buf: memoryview, offset: int) -> int:
-        return os.preadv(fd, [buf], offset)
+    def preadv(self, fd: int, bufs: list[memoryview], offset: int) -> int:
+        return os.preadv(fd, bufs, offset)
 
-    def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
-        return os.pwritev(fd, [buf], offset)
+    def pwritev(self, fd: int, bufs: list[memoryview], offset: int) -> int:
+        return os.pwritev(fd, bufs, offset)
 
     def sync(self, fd: int) -> None:
         os.fdatasync(fd)
@@ -90,8 +90,8 @@ class FileIO:
 class FaultyIO(FileIO):
     """FileIO that raises injected errors, for fault tests.
 
-    ``fail("write", errno.ENOSPC, times=3)`` makes the next 3 writes raise
-    ENOSPC; ``times=None`` keeps failing until ``heal()``.
+    ``fail("write", errno.ENOSPC, times=3)`` makes the next 3 pwritev calls
+    raise ENOSPC; ``times=None`` keeps failing until ``heal()``.
     """
 
     def __init__(self) -> None:
@@ -118,10 +118,10 @@ class FaultyIO(FileIO):
                     self._faults[op] = (err, times - 1)
         raise OSError(err, os.strerror(err))
 
-    def pread(self, fd: int, buf: memoryview, offset: int) -> int:
+    def preadv(self, fd: int, bufs: list[memoryview], offset: int) -> int:
         self._maybe_raise("read")
-        return super().pread(fd, buf, offset)
+        return super().preadv(fd, bufs, offset)
 
-    def pwrite(self, fd: int, buf: memoryview, offset: int) -> int:
+    def pwritev(self, fd: int, bufs: list[memoryview], offset: int) -> int:
         self._maybe_raise("write")
-        return super().pwrite(fd, buf, offset)
+        return super().pwritev(fd, bufs, offset)

@@ -6,6 +6,10 @@ slot is reused. WAL with synchronous=NORMAL makes every commit survive a
 kill -9; a power cut may roll back the last few commits, which only turns
 those blocks into misses (slot headers and checksums catch any mismatch).
 
+New rows are group-committed: a committer thread commits every row queued
+while the previous commit ran in one transaction, so small blocks do not pay
+a commit each.
+
 A manifest that SQLite cannot read is moved aside (``*.corrupt``); the rows
 that can still be read from it are salvaged into a fresh one. Rows are plain
 columns, never pickled.
@@ -13,6 +17,7 @@ columns, never pickled.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import os
 import sqlite3
@@ -27,6 +32,8 @@ log = logging.getLogger("kvplug")
 SCHEMA_VERSION = 1
 
 _COLUMNS = "key, parent, tokens, segment, slot, checksum, fingerprint, format, last_access, row_check"
+_INSERT = f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_TOUCH = "UPDATE blocks SET last_access = ? WHERE key = ?"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
@@ -78,7 +85,7 @@ def _intact(r: tuple) -> bool:
 
 
 class Manifest:
-    """Thread-safe; every method is one short transaction."""
+    """Thread-safe. ``insert`` is group-committed; every other update is one short transaction."""
 
     def __init__(self, path: str, geometry: dict[str, int]) -> None:
         self.path = path
@@ -101,6 +108,11 @@ class Manifest:
                 self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
         self.dropped_rows = len(bad)
         self.rows = [Row(*r[:9]) for r in rows if _intact(r)]
+        self._queue: list[tuple[list, list, cf.Future]] = []
+        self._queued = threading.Condition()
+        self._closing = False
+        self._committer = threading.Thread(target=self._commit_loop, name="kvplug-manifest", daemon=True)
+        self._committer.start()
 
     # -- opening --------------------------------------------------------------
 
@@ -145,8 +157,7 @@ class Manifest:
         self._conn = self._connect()
         with self._conn:
             self._conn.executemany("INSERT INTO meta VALUES (?, ?)", self._geometry.items())
-            self._conn.executemany(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                                   (r for r in rows if _intact(r)))
+            self._conn.executemany(_INSERT, (r for r in rows if _intact(r)))
         rows.sort(key=lambda r: r[8] if _intact(r) else 0)
         return rows
 
@@ -167,12 +178,34 @@ class Manifest:
 
     # -- updates --------------------------------------------------------------
 
-    def insert(self, row: Row, touches: Iterable[tuple[int, bytes]] = ()) -> None:
-        """Commit a new row (and persist pending LRU touches on the way)."""
-        with self._lock, self._conn:
-            self._conn.execute(f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                               row.with_check())
-            self._conn.executemany("UPDATE blocks SET last_access = ? WHERE key = ?", touches)
+    def insert(self, rows: Iterable[Row], touches: Iterable[tuple[int, bytes]] = ()) -> cf.Future:
+        """Queue rows (and LRU touches to persist on the way); the future is
+        done once they are committed, or holds the error that stopped them."""
+        fut: cf.Future = cf.Future()
+        with self._queued:
+            if self._closing:
+                raise RuntimeError(f"manifest {self.path} is closed")
+            self._queue.append(([r.with_check() for r in rows], list(touches), fut))
+            self._queued.notify()
+        return fut
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._queued:
+                self._queued.wait_for(lambda: self._queue or self._closing)
+                batch, self._queue = self._queue, []
+            if not batch:
+                return  # closing, and everything queued is committed
+            try:
+                with self._lock, self._conn:
+                    self._conn.executemany(_INSERT, [row for rows, _, _ in batch for row in rows])
+                    self._conn.executemany(_TOUCH, [t for _, touches, _ in batch for t in touches])
+            except Exception as e:  # sqlite3.Error, mostly: the whole batch failed
+                for _, _, fut in batch:
+                    fut.set_exception(e)
+            else:
+                for _, _, fut in batch:
+                    fut.set_result(None)
 
     def delete(self, keys: Iterable[bytes]) -> None:
         with self._lock, self._conn:
@@ -180,7 +213,7 @@ class Manifest:
 
     def touch(self, touches: Iterable[tuple[int, bytes]]) -> None:
         with self._lock, self._conn:
-            self._conn.executemany("UPDATE blocks SET last_access = ? WHERE key = ?", touches)
+            self._conn.executemany(_TOUCH, touches)
 
     def entries(self, fingerprint: bytes, fmt: int) -> list[tuple[bytes, bytes, bytes]]:
         with self._lock:
@@ -189,6 +222,10 @@ class Manifest:
                 (fingerprint, fmt)).fetchall()
 
     def close(self) -> None:
+        with self._queued:
+            self._closing = True
+            self._queued.notify()
+        self._committer.join()
         with self._lock:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -2,18 +2,22 @@
 
 On disk, a directory holds
   LOCK                one process owns the directory (flock)
-  manifest.sqlite3    one row per block (see manifest.py)
-  segment-NNNNN.kvs   fixed-size slots; slot i of a segment at i * slot_stride
+  manifest.sqlite3    one row per block (manifest.py)
+  segment-NNNNN.kvs   fixed-size slots (segments.py)
 
-A slot has the same geometry as a CPU-tier slot: the block's bytes at offset 0,
-then a self-describing header (slot_header.py), padded to 4096, so one O_DIRECT
-transfer moves a CPU slot to or from disk with no bounce copy.
+A slot has the geometry of a CPU-tier slot: the block's bytes at offset 0,
+then a self-describing header (slot_header.py), padded to 4096, so a CPU slot
+moves to or from disk in place, with O_DIRECT where the filesystem allows.
 
 Ordering is what makes a crash harmless: a block's bytes are written before
 its row is committed, and a slot is reused only after the row freeing it is
 committed. Every read checks the slot's header against the manifest and the
 bytes against their xxh3_64, so a torn, stale, corrupt, truncated or foreign
 slot is a miss, never wrong bytes.
+
+Reads and writes queue up; each I/O thread takes a batch, moves runs of
+consecutive slots with one syscall each and commits the batch's rows
+together. Python work per block stays small, which matters with the GIL.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import concurrent.futures as cf
 import errno
 import logging
 import os
+import queue
 import sqlite3
 import threading
 from collections import Counter, OrderedDict
@@ -35,12 +40,13 @@ from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
 from kvplug.tiers import slot_header
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
 from kvplug.tiers.manifest import Manifest, Row
+from kvplug.tiers.segments import Segments
 from kvplug.tiers.slots import ALIGN, slot_stride
 
 log = logging.getLogger("kvplug")
 
 SEGMENT_BYTES = 1 << 30   # target segment file size
-EVICT_BATCH = 16          # most victims freed per manifest commit when full
+MAX_BATCH = 32            # most queued transfers one I/O thread takes at once
 
 
 def _u8(buf) -> np.ndarray:
@@ -53,11 +59,26 @@ def _u8(buf) -> np.ndarray:
 
 @dataclass(slots=True)
 class _Entry:
-    slot: int            # global slot number
+    slot: int              # global slot number
     checksum: int
     foreign: bool = False  # stored under another fingerprint/format: kept, never served
     pins: int = 0          # reads in flight; a pinned slot is never evicted or reused
     dropped: bool = False  # row deleted (committed); free the slot at the last unpin
+
+
+@dataclass(slots=True, eq=False)
+class _Op:
+    fut: cf.Future
+    key: bytes
+    data: object                   # the caller's buffer
+    write: bool
+    parent: bytes = b""
+    tokens: np.ndarray | None = None
+    entry: _Entry | None = None    # reads: the pinned entry
+    buf: memoryview | None = None  # what the I/O uses: the caller's slot or a bounce buffer
+    bounced: bool = False
+    slot: int | None = None        # writes: the slot given to it
+    checksum: int = 0
 
 
 class SSDTier:
@@ -75,23 +96,23 @@ class SSDTier:
         # Headers hold 16 bytes of fingerprint; a longer one is hashed down.
         self.fingerprint = fingerprint if len(fingerprint) == 16 else xxhash.xxh3_128_digest(fingerprint)
         self.slots_per_segment = max(1, SEGMENT_BYTES // self.slot_stride)
-        # Batching evictions saves commits; a small tier keeps exact LRU.
-        self._evict_batch = min(EVICT_BATCH, max(1, self.num_slots // 64))
-        self._io = io or FileIO()
+        self._io_threads = io_threads
         self._lock = threading.Lock()
-        self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # LRU first
+        self._index: OrderedDict[bytes, _Entry] = OrderedDict()  # least recently used first
         self._free: list[int] = []
-        self._pending: dict[bytes, cf.Future] = {}
-        self._touched: dict[bytes, int] = {}
-        self._fds: dict[int, int] = {}
+        self._pending: dict[bytes, cf.Future] = {}  # writes queued or in flight
+        self._touched: dict[bytes, int] = {}        # access times not yet in the manifest
+        self._clock = 0
         self._stats: Counter[str] = Counter()
         self._logged: set[str] = set()
-        self._bounce = threading.local()
-        self._pool: cf.ThreadPoolExecutor | None = None
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
         os.makedirs(path, exist_ok=True)
         self._lock_fd = lock_directory(path)
         try:
             self.o_direct = self._choose_direct(o_direct)
+            self._segments = Segments(path, self.slot_stride, self.slots_per_segment, self.o_direct,
+                                      io or FileIO())
             self._manifest = Manifest(os.path.join(path, "manifest.sqlite3"), {
                 "block_bytes": block_bytes, "slot_stride": self.slot_stride,
                 "slots_per_segment": self.slots_per_segment})
@@ -101,7 +122,10 @@ class SSDTier:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._pool = cf.ThreadPoolExecutor(io_threads, thread_name_prefix="kvplug-ssd")
+        for i in range(io_threads):
+            t = threading.Thread(target=self._work, name=f"kvplug-ssd-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
 
     # -- start-up -------------------------------------------------------------
 
@@ -139,15 +163,10 @@ class SSDTier:
         self._count("corruptions_manifest", bad)
         # Blocks of another model or format are never served here: evict them first.
         self._index.update(foreign + own)
-        self._free = [g for g in range(self.num_slots - 1, -1, -1) if g not in used]
+        self._free = [g for g in range(self.num_slots - 1, -1, -1) if g not in used]  # pop() -> slot 0 first
         self._clock = max((r.last_access for r in manifest.rows), default=0) + 1
         manifest.rows = []
-        # Segment files past the capacity hold nothing reachable.
-        keep = -(-self.num_slots // self.slots_per_segment)
-        for name in os.listdir(self.path):
-            num = name[len("segment-"):-len(".kvs")]
-            if name.startswith("segment-") and name.endswith(".kvs") and num.isdigit() and int(num) >= keep:
-                os.unlink(os.path.join(self.path, name))
+        self._segments.prune(self.num_slots)
 
     # -- public API -----------------------------------------------------------
 
@@ -175,7 +194,7 @@ class SSDTier:
                 return self._pending[key]
             fut: cf.Future = cf.Future()
             self._pending[key] = fut
-        self._pool.submit(self._run_write, fut, key, parent, tokens_array(tokens), data)
+        self._ops.put(_Op(fut, key, data, True, parent, tokens_array(tokens)))
         return fut
 
     def read(self, key: bytes, out) -> cf.Future:
@@ -187,7 +206,9 @@ class SSDTier:
                 return _done(False)
             e.pins += 1
             self._touch(key)
-        return self._pool.submit(self._run_read, key, e, out)
+        fut: cf.Future = cf.Future()
+        self._ops.put(_Op(fut, key, out, False, entry=e))
+        return fut
 
     def delete(self, key: bytes) -> None:
         with self._lock:
@@ -201,18 +222,16 @@ class SSDTier:
         cf.wait(pending)
 
     def close(self) -> None:
-        if self._pool is None:
+        if not self._workers:
             return
         self.flush()
-        self._pool.shutdown(wait=True)
-        self._pool = None
-        for fd in self._fds.values():
-            try:
-                self._io.sync(fd)
-                self._io.close(fd)
-            except OSError as e:
-                self._fault("close", e)
-        self._fds.clear()
+        for _ in self._workers:
+            self._ops.put(None)
+        for t in self._workers:
+            t.join()
+        self._workers = []
+        for err in self._segments.close():
+            self._fault("sync", err)
         self._persist_touches()
         self._manifest.close()
         os.close(self._lock_fd)  # releases the flock
@@ -241,135 +260,179 @@ class SSDTier:
             out.update(self._stats)
         return out
 
-    # -- internals: writes ----------------------------------------------------
+    # -- I/O threads ----------------------------------------------------------
 
-    def _run_write(self, fut: cf.Future, key: bytes, parent: bytes, tokens: np.ndarray, data) -> None:
-        ok, slot, error = False, None, None
-        try:
-            buf, _ = self._slot_buffer(data, for_write=True)
-            slot = self._allocate()
-            if slot is None:
-                self._count("write_failures_all_pinned")
+    def _work(self) -> None:
+        while True:
+            op = self._ops.get()
+            if op is None:
                 return
-            csum = slot_header.pack(buf, self.block_bytes, self.fingerprint, key)
-            fd, offset = self._locate(slot)
-            n = self._io.pwrite(fd, buf[:self.slot_stride], offset)
-            if n != self.slot_stride:
-                raise OSError(errno.ENOSPC, f"short write ({n} of {self.slot_stride} bytes)")
-            seg, s = divmod(slot, self.slots_per_segment)
-            with self._lock:
-                touches = [(t, k) for k, t in self._touched.items()]
-                self._touched.clear()
-                access = self._tick()
-            self._manifest.insert(Row(key, parent, tokens.astype("<i8").tobytes(), seg, s, csum,
-                                      self.fingerprint, FORMAT_VERSION, access), touches)
-            with self._lock:
-                self._index[key] = _Entry(slot, csum)
-                slot = None
+            # Take a fair share of what is queued: one syscall per run of slots, one commit per batch.
+            batch, stop = [op], False
+            share = min(MAX_BATCH, 1 + self._ops.qsize() // self._io_threads)
+            while len(batch) < share:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            writes = [op for op in batch if op.write]
+            if writes:
+                self._write_batch(writes)
+            if len(writes) < len(batch):
+                self._read_batch([op for op in batch if not op.write])
+            if stop:
+                return
+
+    def _write_batch(self, ops: list[_Op]) -> None:
+        """Bytes first; the rows follow through the manifest's group commit,
+        and this thread moves on meanwhile."""
+        ready = []
+        for op in ops:
+            try:
+                op.buf, op.bounced = self._slot_buffer(op.data, for_write=True)
+                ready.append(op)
+            except Exception as e:  # a caller's mistake (a bad buffer): raise it from the future
+                self._finish_write(op, e)
+        try:
+            slots = self._allocate(len(ready))
+        except sqlite3.Error as e:
+            for op in ready:
+                self._finish_write(op, e)
+            return
+        for op in ready[len(slots):]:
+            self._count("write_failures_all_pinned")
+            self._finish_write(op, None)
+        ready = ready[:len(slots)]
+        for op, slot in zip(ready, sorted(slots)):
+            op.slot = slot
+            op.checksum = slot_header.pack(op.buf, self.block_bytes, self.fingerprint, op.key)
+        results = self._segments.transfer(True, [(op.slot, op.buf[:self.slot_stride]) for op in ready])
+        written = []
+        for op, result in zip(ready, results):
+            if isinstance(result, OSError):
+                self._finish_write(op, result)
+            else:
+                written.append(op)
+        if not written:
+            return
+        with self._lock:
+            touches = [(t, k) for k, t in self._touched.items()]
+            self._touched.clear()
+            access = self._tick()
+        rows = [Row(op.key, op.parent, op.tokens.astype("<i8").tobytes(), *divmod(op.slot, self.slots_per_segment),
+                    op.checksum, self.fingerprint, FORMAT_VERSION, access) for op in written]
+        try:
+            committed = self._manifest.insert(rows, touches)
+        except (sqlite3.Error, RuntimeError) as e:
+            for op in written:
+                self._finish_write(op, e)
+            return
+        committed.add_done_callback(lambda f: [self._finish_write(op, f.exception()) for op in written])
+
+    def _finish_write(self, op: _Op, error: BaseException | None) -> None:
+        """Publish a committed block, or give its slot back: no committed row points at it."""
+        ok = error is None and op.slot is not None
+        with self._lock:
+            if ok:
+                self._index[op.key] = _Entry(op.slot, op.checksum)
                 self._stats["writes"] += 1
                 self._stats["write_bytes"] += self.block_bytes
-            ok = True
-        except OSError as e:
-            self._fault("write", e)
-        except sqlite3.Error as e:
-            self._fault("manifest", e)
-        except Exception as e:  # a caller's mistake (bad buffer): raise it from the future
-            error = e
-        finally:
-            with self._lock:
-                if slot is not None:
-                    self._free.append(slot)  # no committed row points at it
-                if not ok:
-                    self._stats["write_failures"] += 1
-                del self._pending[key]
-            if error is not None:
-                fut.set_exception(error)
             else:
-                fut.set_result(ok)
+                if op.slot is not None:
+                    self._free.append(op.slot)
+                self._stats["write_failures"] += 1
+            del self._pending[op.key]
+        if isinstance(error, OSError):
+            self._fault("write", error)
+        elif isinstance(error, (sqlite3.Error, RuntimeError)):
+            self._fault("manifest", error)
+        elif error is not None:
+            return op.fut.set_exception(error)
+        op.fut.set_result(ok)
 
-    def _allocate(self) -> int | None:
-        """A free slot, evicting least-recently-used unpinned blocks if none."""
+    def _allocate(self, n: int) -> list[int]:
+        """Up to n free slots, evicting least-recently-used unpinned blocks to make room."""
         with self._lock:
-            if self._free:
-                return self._free.pop()
+            slots = self._free[len(self._free) - min(n, len(self._free)):]
+            del self._free[len(self._free) - len(slots):]
             victims = []
-            for key, e in self._index.items():
-                if e.pins == 0:
-                    victims.append(key)
-                    if len(victims) == self._evict_batch:
-                        break
-            if not victims:
-                return None
+            if len(slots) < n:
+                for key, e in self._index.items():
+                    if e.pins == 0:
+                        victims.append(key)
+                        if len(slots) + len(victims) == n:
+                            break
             entries = [self._index.pop(k) for k in victims]
-        # If this raises, the rows may survive: their slots stay out of use until restart.
-        self._manifest.delete(victims)
+        if victims:
+            try:
+                self._manifest.delete(victims)
+            except sqlite3.Error:
+                with self._lock:  # the victims' rows may survive: leave their slots unused
+                    self._free.extend(slots)
+                raise
         with self._lock:
-            # Out of the index, so no read could pin them since: all free now.
+            # Out of the index, so no read pinned them since: their slots are free now.
             self._stats["evictions"] += len(entries)
             for k in victims:
                 self._touched.pop(k, None)
-            self._free.extend(e.slot for e in entries)
-            return self._free.pop()
+        return slots + [e.slot for e in entries]
 
-    # -- internals: reads -----------------------------------------------------
+    def _read_batch(self, ops: list[_Op]) -> None:
+        ready = []
+        for op in ops:
+            try:
+                op.buf, op.bounced = self._slot_buffer(op.data, for_write=False)
+                ready.append(op)
+            except Exception as e:
+                self._unpin(op.entry)
+                op.fut.set_exception(e)
+        results = self._segments.transfer(False, [(op.entry.slot, op.buf[:self.slot_stride]) for op in ready])
+        for op, result in zip(ready, results):
+            self._finish_read(op, result)
 
-    def _run_read(self, key: bytes, e: _Entry, out) -> bool:
-        problem = None
-        try:
-            arr = _u8(out)
-            buf, bounced = self._slot_buffer(arr, for_write=False)
-            fd, offset = self._locate(e.slot)
-            n = self._io.pread(fd, buf[:self.slot_stride], offset)
-            problem = "truncated" if n < self.slot_stride else slot_header.verify(
-                buf, self.block_bytes, self.fingerprint, key, e.checksum)
+    def _finish_read(self, op: _Op, result: int | OSError) -> None:
+        if isinstance(result, OSError):
+            self._fault("read", result)
+            problem = None
+        else:
+            problem = "truncated" if result < self.slot_stride else slot_header.verify(
+                op.buf, self.block_bytes, self.fingerprint, op.key, op.entry.checksum)
             if problem is None:
-                if bounced:
-                    arr[:self.block_bytes] = np.asarray(buf)[:self.block_bytes]
+                if op.bounced:
+                    _u8(op.data)[:self.block_bytes] = np.frombuffer(op.buf, np.uint8, self.block_bytes)
+                self._unpin(op.entry)
                 with self._lock:
                     self._stats["read_hits"] += 1
                     self._stats["read_bytes"] += self.block_bytes
-                return True
+                return op.fut.set_result(True)
             self._count("corruptions")
             self._count(f"corruptions_{problem}")
-            self._log_once(f"corrupt_{problem}", "kvplug SSD tier: %s block in %s dropped (%s)",
-                           problem, self.path, key.hex())
-        except OSError as err:
-            self._fault("read", err)
-        finally:
-            self._unpin(e)
-        with self._lock:
-            self._stats["read_misses"] += 1
-        self._drop(key, e)
-        return False
+            self._log_once(f"corrupt_{problem}", "kvplug SSD tier: %s block %s in %s dropped (%s)",
+                           problem, op.key.hex(), self.path, "later ones are counted, not logged")
+        self._unpin(op.entry)
+        self._count("read_misses")
+        self._drop(op.key, op.entry)
+        op.fut.set_result(False)
 
-    # -- internals: shared ----------------------------------------------------
+    # -- shared ---------------------------------------------------------------
 
     def _slot_buffer(self, data, for_write: bool) -> tuple[memoryview, bool]:
-        """(buffer, bounced): the caller's own when one slot-sized (O_DIRECT) transfer
-        can use it in place, else this thread's aligned bounce buffer."""
+        """(buffer, bounced): the caller's own when a slot-sized transfer can use
+        it in place (long enough, aligned for O_DIRECT), else an aligned copy."""
         arr = _u8(data)
         if arr.size < self.block_bytes:
             raise ValueError(f"buffer of {arr.size} bytes < block_bytes {self.block_bytes}")
         aligned = not self.o_direct or arr.ctypes.data % ALIGN == 0
         if arr.size >= self.slot_stride and aligned and arr.flags.writeable:
             return memoryview(arr), False
-        bounce = getattr(self._bounce, "buf", None)
-        if bounce is None:
-            bounce = self._bounce.buf = aligned_buffer(self.slot_stride)
+        bounce = aligned_buffer(self.slot_stride)
         if for_write:
-            np.asarray(bounce)[:self.block_bytes] = arr[:self.block_bytes]
+            np.frombuffer(bounce, np.uint8, self.block_bytes)[:] = arr[:self.block_bytes]
         return bounce, True
-
-    def _locate(self, slot: int) -> tuple[int, int]:
-        seg, s = divmod(slot, self.slots_per_segment)
-        fd = self._fds.get(seg)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(seg)
-                if fd is None:
-                    path = os.path.join(self.path, f"segment-{seg:05d}.kvs")
-                    fd = self._fds[seg] = self._io.open(path, self.o_direct)
-        return fd, s * self.slot_stride
 
     def _drop(self, key: bytes, e: _Entry) -> None:
         """Forget a block; its slot is reusable once the row is gone and no read holds it."""
@@ -395,7 +458,7 @@ class SSDTier:
                 self._free.append(e.slot)
 
     def _touch(self, key: bytes) -> None:
-        # Caller holds self._lock. Access times reach SQLite with the next write.
+        # Caller holds self._lock. Access times reach SQLite with the next commit.
         self._index.move_to_end(key)
         self._touched[key] = self._tick()
 

@@ -111,9 +111,9 @@ def test_pinned_block_is_never_evicted(tmp_path):
         def __getattr__(self, name):
             return getattr(self.io, name)
 
-        def pread(self, fd, buf, offset):
+        def preadv(self, fd, bufs, offset):
             gate.wait(10)
-            return self.io.pread(fd, buf, offset)
+            return self.io.preadv(fd, bufs, offset)
 
     from kvplug.tiers.aligned_io import FileIO
     with tier(tmp_path, blocks=2, io=SlowRead(FileIO())) as t:
