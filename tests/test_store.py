@@ -14,6 +14,7 @@ from kvplug.config import KVPlugConfig
 from kvplug.keys import block_key, chain_keys
 from kvplug.layout import KVLayout
 from kvplug.store import BlockRef, Hit, StoreEntry, TieredStore
+from kvplug.tiers.base import BackingTier
 from kvplug.tiers.slots import slot_stride
 from kvplug.tiers.ssd import SSDTier
 
@@ -392,6 +393,7 @@ def test_restart_rebuilds_the_index_from_ssd(tmp_path):
     store = make(tmp_path, **config)
     hit = store.lookup(tokens)
     assert hit.num_tokens == 30 and hit.count("ssd") == 8
+    assert isinstance(store.ssd, BackingTier) and isinstance(FakeSSD(), BackingTier)
     check_bytes(store, tokens, 30)
     assert store.stats()["ssd"]["blocks"] == 8
     store.close()

@@ -12,11 +12,12 @@ asynchronously, keeps its own map and evicts on its own: a ``BackingTier``.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
 
+@runtime_checkable
 class Tier(Protocol):
     block_bytes: int
     slot_stride: int
@@ -26,6 +27,7 @@ class Tier(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
 class BackingTier(Tier, Protocol):
     def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
         """(key, parent, tokens) of every block it holds, to rebuild the index at start."""

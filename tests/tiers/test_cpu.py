@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+from kvplug.tiers.base import BackingTier, Tier
 from kvplug.tiers.cpu import CPUTier
 from kvplug.tiers.slots import slot_stride
 
@@ -29,6 +30,7 @@ def test_geometry_is_whole_aligned_slots(tier):
     assert tier.slot_view(3).numel() == STRIDE and tier.slot_view(3).data_ptr() % 4096 == 0
     assert tier.block_view(3).numel() == BLOCK
     assert tier.stats()["capacity_blocks"] == 5
+    assert isinstance(tier, Tier) and not isinstance(tier, BackingTier)
 
 
 def test_allocate_and_free_are_a_free_list(tier):
