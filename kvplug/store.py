@@ -166,8 +166,13 @@ class TieredStore:
                                   config.shm_dir, pin=not config.shared_memory)
         if ssd is None and config.ssd_path:
             from kvplug.tiers.ssd import SSDTier
-            ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
-                          io_threads=config.io_threads, o_direct=config.o_direct)
+            try:
+                ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
+                              io_threads=config.io_threads, o_direct=config.o_direct)
+            except BaseException:
+                self.cpu.close()  # leave no slab behind in /dev/shm
+                self.cpu.unlink()
+                raise
         self.ssd = ssd
         self._index = PrefixIndex(fingerprint, layout.block_tokens)
         self._policy = make_policy(config.eviction, self.cpu.num_slots)

@@ -399,6 +399,16 @@ def test_restart_rebuilds_the_index_from_ssd(tmp_path):
     store.close()
 
 
+def test_failed_start_leaves_no_slab(tmp_path):
+    config = dict(ssd_path=str(tmp_path / "ssd"), ssd_bytes=64 * STRIDE, o_direct="off")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    with SSDTier(config["ssd_path"], 64 * STRIDE, BLOCK, ROOT, o_direct="off"):  # holds the directory
+        with pytest.raises(RuntimeError, match="in use"):
+            TieredStore(KVPlugConfig(cpu_bytes=4 * STRIDE, shm_dir=str(shm), **config), LAYOUT, BLOCK, ROOT)
+    assert not list(shm.iterdir())
+
+
 def test_real_ssd_corruption_is_a_miss_after_restart(tmp_path):
     config = dict(ssd_path=str(tmp_path / "ssd"), ssd_bytes=64 * STRIDE, o_direct="off")
     store = make(tmp_path, **config)
