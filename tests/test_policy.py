@@ -1,0 +1,41 @@
+import pytest
+
+from kvplug.policy import LoadPolicy
+
+
+def test_always_loads_any_hit():
+    p = LoadPolicy("always")
+    assert p.should_load(1, {"ssd": 10**12})
+    assert not p.should_load(0, {})
+
+
+def test_auto_loads_until_measured():
+    p = LoadPolicy("auto")
+    assert p.should_load(100, {"ssd": 10**9})  # nothing measured yet
+    p.observe_prefill(1000, 1.0)
+    assert p.should_load(100, {"ssd": 10**9})  # SSD still unmeasured
+
+
+def test_auto_compares_measured_load_and_recompute():
+    p = LoadPolicy("auto")
+    p.observe_prefill(1000, 1.0)  # 1000 tokens/s
+    p.observe_load("cpu", 10**9, 0.1)  # 10 GB/s
+    p.observe_load("ssd", 10**9, 1.0)  # 1 GB/s
+    # 500 tokens: 0.5 s to recompute
+    assert p.should_load(500, {"cpu": 10**9})  # 0.1 s from CPU
+    assert not p.should_load(500, {"ssd": 10**9})  # 1.0 s from SSD
+    assert p.should_load(500, {"ssd": 2 * 10**8})  # 0.2 s
+    assert p.snapshot()["prefill_tokens_per_s"] == pytest.approx(1000)
+
+
+def test_estimates_follow_the_machine():
+    p = LoadPolicy("auto")
+    p.observe_load("ssd", 10**9, 1.0)
+    for _ in range(50):
+        p.observe_load("ssd", 10**9, 0.1)
+    assert p.load_seconds({"ssd": 10**9}) == pytest.approx(0.1, rel=0.05)
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="'always' or 'auto'"):
+        LoadPolicy("sometimes")
