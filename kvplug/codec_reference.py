@@ -11,7 +11,8 @@ int4h, per (block, K|V, token, head) vector of head_size D:
      scaled by 1/sqrt(block) so that H is orthonormal and H @ H = I;
   2. per group of ``group`` values of y (default D): zero = min, scale =
      (max - min) / 15, both stored as fp16; q = floor((y - zero) / scale + 0.5)
-     clamped to 0..15 (reciprocal taken once per group, then multiplied);
+     clamped to 0..15 (reciprocal taken once per group, then multiplied;
+     computed as trunc(clamp(v + 0.5, 0, 15.5)), the same codes);
   3. pack two codes a byte, even index in the low nibble.
 Decode: y = q * scale + zero, x = H y.
 
@@ -118,8 +119,8 @@ def _encode_values(x: torch.Tensor, group: int):
     zero16 = mn.clamp(-FP16_MAX, FP16_MAX).half()
     s, z = scale16.float(), zero16.float()
     inv = torch.where(s > 0, 1.0 / s, 0.0)
-    q = torch.floor((yg - z[..., None]) * inv[..., None] + 0.5).clamp(0.0, 15.0)
-    q = torch.where(bad[..., None], 0.0, q).to(torch.uint8).reshape(n, -1, 2)
+    q = ((yg - z[..., None]) * inv[..., None] + 0.5).clamp(0.0, 15.5)
+    q = torch.where(bad[..., None], 0.0, q).to(torch.uint8).reshape(n, -1, 2)  # truncates: floor(v + 0.5)
     codes = q[..., 0] | (q[..., 1] << 4)
     nan = torch.tensor(NAN16_BITS, dtype=torch.int16)
     sbits = torch.where(bad, nan, scale16.view(torch.int16)).reshape(n, -1)

@@ -1,7 +1,7 @@
 """Fast Walsh-Hadamard transform over the last dim, block-diagonal, normalized.
 
 ``fwht_tile`` is the building block the codec kernels inline: a butterfly on
-a [rows, DP] fp32 tile, log2(HB) stages, each pairing column i with i ^ s.
+a [rows, DP] fp32 tile, log2(HB) stages, each pairing column i with i ^ 2^k.
 The normalized transform is orthonormal and symmetric, so it is its own
 inverse: encode and decode call the same code.
 """
@@ -17,14 +17,16 @@ from kvplug.codec_reference import hadamard_block, hadamard_norm
 
 @triton.jit
 def fwht_tile(x, LOG2_HB: tl.constexpr, DP: tl.constexpr):
-    # Unnormalized; columns pair within aligned blocks of 2^(stage+1), so padding
-    # columns past D (when D is not a power of two) never mix with real ones.
-    col = tl.arange(0, DP)[None, :]
+    # Unnormalized. Stage k pairs column i with i + 2^k inside aligned blocks of
+    # 2^(k+1): view the row as (blocks, 2, 2^k), split the 2, join (a + b, a - b).
+    # Reshape/split/join let Triton keep rows in registers (no shuffles, and
+    # ~2x faster than a tl.gather butterfly on H100). Padding columns past D
+    # (non-power-of-two heads) only ever mix among themselves.
     for k in tl.static_range(LOG2_HB):
-        partner = tl.broadcast_to(col ^ (1 << k), x.shape)
-        p = tl.gather(x, partner, 1)
+        y = tl.permute(tl.reshape(x, (x.shape[0], DP // (2 << k), 2, 1 << k)), (0, 1, 3, 2))
+        a, b = tl.split(y)
         # low half gets a + b, high half a - b: the same ops as the torch reference
-        x = tl.where((col & (1 << k)) == 0, x + p, p - x)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (x.shape[0], DP))
     return x
 
 
@@ -53,10 +55,10 @@ def hadamard_transform(x: torch.Tensor, block: int | None = None) -> torch.Tenso
         x2 = x2.contiguous()
     y = torch.empty_like(x2)
     m, dp = x2.shape[0], triton.next_power_of_2(d)
-    block_m = max(1, 4096 // dp)
+    block_m = max(1, 1024 // dp)
     if m:
         _hadamard_kernel[(triton.cdiv(m, block_m),)](
             x2, y, m, x2.stride(0), y.stride(0),
-            D=d, DP=dp, LOG2_HB=block.bit_length() - 1, NORM=hadamard_norm(block), BLOCK_M=block_m,
+            D=d, DP=dp, LOG2_HB=block.bit_length() - 1, NORM=hadamard_norm(block), BLOCK_M=block_m, num_warps=1,
         )
     return y.reshape(x.shape)
