@@ -80,11 +80,24 @@ class WorkerHalf:
         self._ready = []
         if not meta.loads:
             return
+        T = self.geo.block_tokens
+        blocks = [(job.req_id, b, s, n) for job in meta.loads for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
+        full = [blk for blk in blocks if blk[3] == T]
+        # A block the request hit only partly is decoded whole, now, before the
+        # forward pass writes this step's tokens into its tail: writing only its
+        # first tokens would need the backend's layout inside a block (the CPU
+        # backend stores K transposed), writing it whole later would clobber them.
+        partial = [blk for blk in blocks if blk[3] < T]
+        if partial:
+            self._decode_layers(partial)
+        self.stats.add("load_bytes", len(blocks) * self.geo.block_bytes)
+        if not full:
+            return
         if self._stream is not None:
-            self._ready = self._load_cuda(meta.loads)
+            self._ready = self._load_cuda(full)
         else:
             self._ready = [threading.Event() for _ in self._views]
-            self._load = self._loader.submit(self._load_cpu, meta.loads, self._ready)
+            self._load = self._loader.submit(self._decode_layers, full, self._ready)
 
     def wait_for_layer(self, layer_name: str) -> None:
         if self._ready:
@@ -94,9 +107,10 @@ class WorkerHalf:
             else:
                 torch.cuda.current_stream().wait_event(ready)
 
-    def _load_cpu(self, jobs: list[LoadJob], ready: list[threading.Event]) -> None:
+    def _decode_layers(self, blocks: list[tuple[str, int, int, int]], ready: list[threading.Event] | None = None) -> None:
+        """Decode blocks (req, block_id, slot, tokens) layer by layer into vLLM's cache,
+        setting ready[layer] as each layer lands; a block that fails is noted for vLLM."""
         t0 = time.perf_counter()
-        blocks = [(job.req_id, b, s, n) for job in jobs for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
         bad: set[int] = set()  # indices into blocks
         try:
             for layer in range(len(self._views)):
@@ -110,39 +124,26 @@ class WorkerHalf:
                             if not bad:
                                 log.warning("kvplug: loading block %d from slot %d failed: %r", block[1], block[2], e)
                             bad.add(k)
-                ready[layer].set()
+                if ready:
+                    ready[layer].set()
         finally:
-            for event in ready:  # never leave the forward pass waiting
+            for event in ready or ():  # never leave the forward pass waiting
                 event.set()
         for k in bad:
             req_id, block_id, _, _ = blocks[k]
             self._failed.setdefault(req_id, set()).add(block_id)
-        self.stats.add("load_bytes", len(blocks) * self.geo.block_bytes)
         self.stats.add("load_seconds", time.perf_counter() - t0)
 
     def _decode(self, layer: int, blocks: list[tuple[str, int, int, int]]) -> None:
-        """Decode one layer of blocks (req, block_id, slot, tokens) into vLLM's cache.
-
-        A block the request only partly hit gets just its hit tokens: the rest
-        of it is this step's own KV, written by the forward pass."""
-        view, T = self._views[layer], self.geo.block_tokens
         src = self._read_rows(layer, [s for _, _, s, _ in blocks])
-        full = [k for k, b in enumerate(blocks) if b[3] == T]
-        if full:
-            self.geo.codec.decode(src[full], view, [blocks[k][1] for k in full])
-        for k, (_, block_id, _, n) in enumerate(blocks):
-            if n < T:
-                scratch = torch.empty((1, *view.shape[1:]), dtype=view.dtype, device=view.device)
-                self.geo.codec.decode(src[k:k + 1], scratch, [0])
-                view[block_id, :, :n].copy_(scratch[0, :, :n])
+        self.geo.codec.decode(src, self._views[layer], [b for _, b, _, _ in blocks])
 
     def _read_rows(self, layer: int, slots: list[int]) -> torch.Tensor:
         """One layer's encoded bytes of the given slots, as rows [len(slots), layer_bytes]."""
         return self._rows[layer][torch.as_tensor(slots, dtype=torch.long)]
 
-    def _load_cuda(self, jobs: list[LoadJob]) -> list:
+    def _load_cuda(self, blocks: list[tuple[str, int, int, int]]) -> list:
         """Queue every layer's copy + decode on a side stream; an event per layer."""
-        blocks = [(job.req_id, b, s, n) for job in jobs for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
         events = []
         self._stream.wait_stream(torch.cuda.current_stream())  # blocks were allocated/zeroed on it
         with torch.cuda.stream(self._stream):
@@ -151,7 +152,6 @@ class WorkerHalf:
                 event = torch.cuda.Event()
                 event.record(self._stream)
                 events.append(event)
-        self.stats.add("load_bytes", len(blocks) * self.geo.block_bytes)
         return events
 
     # -- saves -------------------------------------------------------------------

