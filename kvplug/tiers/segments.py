@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 from kvplug.tiers.aligned_io import FileIO
 
@@ -18,13 +19,16 @@ MAX_RUN_BYTES = 16 << 20   # one syscall's worth; bigger runs gain nothing
 
 
 class Segments:
-    def __init__(self, directory: str, stride: int, slots_per_segment: int, direct: bool, io: FileIO) -> None:
+    def __init__(self, directory: str, stride: int, slots_per_segment: int, direct: bool, io: FileIO,
+                 max_in_flight: int) -> None:
         self.directory = directory
         self.stride = stride
         self.slots_per_segment = slots_per_segment
         self.direct = direct
         self._io = io
         self._fds: dict[int, int] = {}
+        # More threads than this may be busy (checksums), but only this many syscalls at once.
+        self._in_flight = threading.BoundedSemaphore(max_in_flight)
 
     def _fd(self, segment: int) -> int:
         fd = self._fds.get(segment)
@@ -53,10 +57,11 @@ class Segments:
             bufs = [items[i][1] for i in run]
             try:
                 fd = self._fd(segment)
-                if write:
-                    n = self._io.pwritev(fd, bufs, s * self.stride)
-                else:
-                    n = self._io.preadv(fd, bufs, s * self.stride)
+                with self._in_flight:
+                    if write:
+                        n = self._io.pwritev(fd, bufs, s * self.stride)
+                    else:
+                        n = self._io.preadv(fd, bufs, s * self.stride)
                 for k, i in enumerate(run):
                     out[i] = min(max(n - k * self.stride, 0), self.stride)
                     if write and out[i] < self.stride:  # a short write is a full disk, in practice

@@ -7,8 +7,10 @@ simply rotted, fails one of these checks and is read as a miss.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
+import numpy as np
 import xxhash
 
 from kvplug.keys import FORMAT_VERSION
@@ -20,9 +22,30 @@ HEADER = struct.Struct("<8sII16s16sQq")
 assert HEADER.size <= HEADER_BYTES
 
 
+def _unlocked_xxh3():
+    """xxhash's own C XXH3_64bits through ctypes, which lets go of the GIL while
+    it hashes; the Python binding holds it, so I/O threads hashing megabyte
+    blocks would take turns. None (use the binding) if it cannot be found."""
+    try:
+        lib = ctypes.CDLL(xxhash._xxhash.__file__)
+        fn = getattr(lib, "XXH3_64bits_dispatch", None) or lib.XXH3_64bits  # dispatch: AVX2/512 when there
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_uint64, [ctypes.c_void_p, ctypes.c_size_t]
+    probe = np.arange(4096, dtype=np.uint64).view(np.uint8)
+    return fn if fn(probe.ctypes.data, probe.size) == xxhash.xxh3_64_intdigest(probe) else None
+
+
+_XXH3_UNLOCKED = _unlocked_xxh3()
+
+
 def checksum(buf) -> int:
-    """xxh3_64 as a signed int64, which is what SQLite integers hold."""
-    c = xxhash.xxh3_64_intdigest(buf)
+    """xxh3_64 of a byte buffer, as a signed int64, which is what SQLite integers hold."""
+    arr = np.frombuffer(buf, np.uint8)
+    if _XXH3_UNLOCKED is not None and arr.size >= 1 << 16:
+        c = _XXH3_UNLOCKED(arr.ctypes.data, arr.size)
+    else:
+        c = xxhash.xxh3_64_intdigest(arr)
     return c - (1 << 64) if c >= 1 << 63 else c
 
 

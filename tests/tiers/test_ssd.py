@@ -237,3 +237,13 @@ def test_manifest_row_format(tmp_path):
     assert row[0] == key and np.frombuffer(row[1], "<i8").tolist() == block(1)[2].tolist()
     assert row[2] == FP and row[3] == FORMAT_VERSION and row[4] == 0
     conn.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 1 << 16, (2 << 20) + 7])
+def test_checksum_is_xxh3_64(n):
+    """The GIL-free path (xxhash's C function through ctypes) and the binding agree."""
+    import xxhash
+    from kvplug.tiers.slot_header import checksum
+    data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    want = xxhash.xxh3_64_intdigest(data)
+    assert checksum(memoryview(data)) % (1 << 64) == want
