@@ -111,6 +111,12 @@ class SchedulerHalf:
                 self.stats.add("promotions")
         if not st.handle.done():
             return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
+        if st.handle.failed:
+            # Keep only the readable prefix pinned: a failed block must be free to be
+            # stored again once this request has recomputed it.
+            failed, st.handle = st.handle, self.store.prepare_load(st.handle.loadable)
+            self.stats.add("promotion_failed_blocks", len(failed.failed))
+            self.store.complete_load(failed)
         num = st.handle.num_tokens
         if num < self.config.min_hit_tokens:
             self._drop_handle(st)
@@ -143,7 +149,6 @@ class SchedulerHalf:
         self.stats.add("hit_tokens", num_external_tokens)
         self.stats.add("hit_tokens_cpu", sources[CacheHitSource.HOST])
         self.stats.add("hit_tokens_ssd", sources[CacheHitSource.DISK])
-        self.stats.add("promotion_failed_blocks", len(st.handle.failed))
 
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict[CacheHitSource, int]:
         st = self._reqs.get(request.request_id)
