@@ -168,12 +168,16 @@ class SSDTier:
     def write(self, key: bytes, parent: bytes, tokens, data) -> cf.Future:
         if len(key) != KEY_BYTES:
             raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(key)}")
+        if not self._threads:
+            raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
         fut, new = self._index.begin_write(key)
         if new:
             self._ops.put(_Op(fut, key, data, True, parent, tokens_array(tokens)))
         return fut
 
     def read(self, key: bytes, out) -> cf.Future:
+        if not self._threads:
+            raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
         self._index.count("reads")
         fut: cf.Future = cf.Future()
         e = self._index.pin(key)

@@ -247,3 +247,24 @@ def test_checksum_is_xxh3_64(n):
     data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
     want = xxhash.xxh3_64_intdigest(data)
     assert checksum(memoryview(data)) % (1 << 64) == want
+
+
+def test_segments_coalesce_runs_of_consecutive_slots(tmp_path):
+    """One syscall per run of consecutive slots within a segment; results per item."""
+    from kvplug.tiers.aligned_io import FileIO, aligned_buffer
+    from kvplug.tiers.segments import Segments
+
+    calls = []
+
+    class Counting(FileIO):
+        def pwritev(self, fd, bufs, offset):
+            calls.append((offset // 4096, len(bufs)))
+            return super().pwritev(fd, bufs, offset)
+
+    seg = Segments(str(tmp_path), 4096, 4, direct=False, io=Counting(), max_in_flight=2)
+    slots = [5, 3, 4, 7, 8, 0]  # runs: 0 | 3 | 4 5 | 7 | 8 (4 slots a segment: 3|4 and 7|8 split)
+    bufs = [aligned_buffer(4096) for _ in slots]
+    assert seg.transfer(True, list(zip(slots, bufs))) == [4096] * len(slots)
+    assert sorted(n for _, n in calls) == [1, 1, 1, 1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["segment-00000.kvs", "segment-00001.kvs", "segment-00002.kvs"]
+    seg.close()
