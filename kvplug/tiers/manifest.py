@@ -90,7 +90,6 @@ class Manifest:
     def __init__(self, path: str, geometry: dict[str, int]) -> None:
         self.path = path
         self.reset_reason: str | None = None
-        self.dropped_rows = 0      # rows found damaged (and deleted) while opening
         self._lock = threading.Lock()
         self._geometry = {"schema": SCHEMA_VERSION, **geometry}
         self._conn: sqlite3.Connection | None = None
@@ -98,16 +97,14 @@ class Manifest:
             self._conn = self._connect()
             self._check_geometry()
             rows = self._all_rows()
+            with self._conn:
+                self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in rows if not _intact(r)])
         except Exception as e:  # a damaged file raises more than DatabaseError (bad UTF-8, ...)
             if self._conn is not None:
                 self._conn.close()
-            rows = self._salvage(f"{type(e).__name__}: {e}")
-        bad = [(r[0],) for r in rows if not _intact(r)]
-        if bad:
-            with self._conn:
-                self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
-        self.dropped_rows = len(bad)
+            rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
         self.rows = [Row(*r[:9]) for r in rows if _intact(r)]
+        self.dropped_rows = len(rows) - len(self.rows)  # damaged, and deleted
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False
