@@ -63,7 +63,9 @@ def paged_view(kv: torch.Tensor, layout: KVLayout) -> torch.Tensor:
     Accepted (vLLM's backends):
       5-D ``(2, num_blocks, T, H, D)``      K/V split first (FlashAttention-style)
       5-D ``(num_blocks, 2, T, H, D)``      K/V split second (FlashInfer, Triton)
-      4-D ``(num_blocks, H, T, 2*D)``       K and V packed in the last dim (CPU backend)
+      4-D ``(num_blocks, H, T, 2*D)``       CPU backend: per (block, head) the memory is
+                                            read as ``(2*T, D)``, all K tokens then all V
+                                            (vLLM's cpu_attn views it so and chunks dim 2)
     with any strides (HND/NHD physical permutations are read from the strides).
     """
     T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_size
@@ -74,10 +76,10 @@ def paged_view(kv: torch.Tensor, layout: KVLayout) -> torch.Tensor:
         view = kv.permute(1, 0, 2, 3, 4)
     elif kv.dim() == 5 and shape[1] == 2 and shape[2:] == (T, H, D):
         view = kv
-    elif kv.dim() == 4 and shape[1:] == (H, T, 2 * D):
+    elif kv.dim() == 4 and shape[1:] == (H, T, 2 * D) and st[2] == 2 * D * st[3]:
         nb = shape[0]
         view = kv.as_strided(
-            (nb, 2, T, H, D), (st[0], D * st[3], st[2], st[1], st[3]), kv.storage_offset()
+            (nb, 2, T, H, D), (st[0], T * D * st[3], D * st[3], st[1], st[3]), kv.storage_offset()
         )
     else:
         raise ValueError(

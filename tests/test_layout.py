@@ -39,12 +39,17 @@ def test_hnd_permuted_strides():
 
 def test_cpu_packed_layout():
     ref = reference()
-    # (nb, H, T, 2D): K in [..., :D], V in [..., D:]
-    kv = torch.cat([ref[:, 0].permute(0, 2, 1, 3), ref[:, 1].permute(0, 2, 1, 3)], dim=-1).contiguous()
+    # vLLM's CPU backend: shape (nb, H, T, 2D), read per (block, head) as (2T, D):
+    # all K tokens, then all V tokens (cpu_attn: view(nb, H, 2T, D).chunk(2, dim=2)).
+    kv = torch.cat([ref[:, 0].permute(0, 2, 1, 3), ref[:, 1].permute(0, 2, 1, 3)], dim=2).contiguous()
+    kv = kv.view(NB, 3, 5, 2 * 4)
+    assert torch.equal(paged_view(kv, L), ref)
+    k_cache, v_cache = kv.view(NB, 3, 10, 4).chunk(2, dim=2)  # exactly what vLLM attends over
+    assert torch.equal(k_cache, ref[:, 0].permute(0, 2, 1, 3))
+    assert torch.equal(v_cache, ref[:, 1].permute(0, 2, 1, 3))
     view = paged_view(kv, L)
-    assert torch.equal(view, ref)
     view[1, 1, 2, 0, 3] = -1.0  # a view, not a copy
-    assert kv[1, 0, 2, 4 + 3] == -1.0
+    assert v_cache[1, 0, 2, 3] == -1.0
 
 
 def test_rejects_unknown_shapes_and_dtypes():
