@@ -89,7 +89,7 @@ class WorkerHalf:
         # backend stores K transposed), writing it whole later would clobber them.
         partial = [blk for blk in blocks if blk[3] < T]
         if partial:
-            self._decode_layers(partial)
+            self.stats.add("load_seconds", self._decode_layers(partial))
         self.stats.add("load_bytes", len(blocks) * self.geo.block_bytes)
         if not full:
             return
@@ -97,7 +97,7 @@ class WorkerHalf:
             self._ready = self._load_cuda(full)
         else:
             self._ready = [threading.Event() for _ in self._views]
-            self._load = self._loader.submit(self._decode_layers, full, self._ready)
+            self._load = self._loader.submit(self._load_cpu, full, self._ready)
 
     def wait_for_layer(self, layer_name: str) -> None:
         if self._ready:
@@ -107,32 +107,44 @@ class WorkerHalf:
             else:
                 torch.cuda.current_stream().wait_event(ready)
 
-    def _decode_layers(self, blocks: list[tuple[str, int, int, int]], ready: list[threading.Event] | None = None) -> None:
+    def _load_cpu(self, blocks: list[tuple[str, int, int, int]], ready: list[threading.Event]) -> float:
+        try:
+            return self._decode_layers(blocks, lambda layer: ready[layer].set())
+        finally:
+            for event in ready:  # never leave the forward pass waiting
+                event.set()
+
+    def _load_cuda(self, blocks: list[tuple[str, int, int, int]]) -> list:
+        """Queue every layer's copy + decode on a side stream; an event per layer."""
+        events = [torch.cuda.Event() for _ in self._views]
+        self._stream.wait_stream(torch.cuda.current_stream())  # blocks were allocated/zeroed on it
+        with torch.cuda.stream(self._stream):
+            self.stats.add("load_seconds", self._decode_layers(blocks, lambda layer: events[layer].record(self._stream)))
+        return events
+
+    def _decode_layers(self, blocks: list[tuple[str, int, int, int]], layer_done=None) -> float:
         """Decode blocks (req, block_id, slot, tokens) layer by layer into vLLM's cache,
-        setting ready[layer] as each layer lands; a block that fails is noted for vLLM."""
+        calling layer_done(layer) as each lands; a block that fails is noted for vLLM.
+        Returns the seconds it took (counted by the caller's thread)."""
         t0 = time.perf_counter()
         bad: set[int] = set()  # indices into blocks
-        try:
-            for layer in range(len(self._views)):
-                try:
-                    self._decode(layer, blocks)
-                except Exception:  # find the culprits one block at a time
-                    for k, block in enumerate(blocks):
-                        try:
-                            self._decode(layer, [block])
-                        except Exception as e:
-                            if not bad:
-                                log.warning("kvplug: loading block %d from slot %d failed: %r", block[1], block[2], e)
-                            bad.add(k)
-                if ready:
-                    ready[layer].set()
-        finally:
-            for event in ready or ():  # never leave the forward pass waiting
-                event.set()
+        for layer in range(len(self._views)):
+            try:
+                self._decode(layer, blocks)
+            except Exception:  # find the culprits one block at a time
+                for k, block in enumerate(blocks):
+                    try:
+                        self._decode(layer, [block])
+                    except Exception as e:
+                        if not bad:
+                            log.warning("kvplug: loading block %d from slot %d failed: %r", block[1], block[2], e)
+                        bad.add(k)
+            if layer_done is not None:
+                layer_done(layer)
         for k in bad:
             req_id, block_id, _, _ = blocks[k]
             self._failed.setdefault(req_id, set()).add(block_id)
-        self.stats.add("load_seconds", time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def _decode(self, layer: int, blocks: list[tuple[str, int, int, int]]) -> None:
         src = self._read_rows(layer, [s for _, _, s, _ in blocks])
@@ -141,18 +153,6 @@ class WorkerHalf:
     def _read_rows(self, layer: int, slots: list[int]) -> torch.Tensor:
         """One layer's encoded bytes of the given slots, as rows [len(slots), layer_bytes]."""
         return self._rows[layer][torch.as_tensor(slots, dtype=torch.long)]
-
-    def _load_cuda(self, blocks: list[tuple[str, int, int, int]]) -> list:
-        """Queue every layer's copy + decode on a side stream; an event per layer."""
-        events = []
-        self._stream.wait_stream(torch.cuda.current_stream())  # blocks were allocated/zeroed on it
-        with torch.cuda.stream(self._stream):
-            for layer in range(len(self._views)):
-                self._decode(layer, blocks)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-                events.append(event)
-        return events
 
     # -- saves -------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class WorkerHalf:
                     self._save(layer, meta.saves)
         self._saved_layers.clear()
         if self._load is not None:
-            self._load.result()
+            self.stats.add("load_seconds", self._load.result())
             self._load = None
         if self._stream is not None and meta.loads:
             self._stream.synchronize()

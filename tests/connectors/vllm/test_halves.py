@@ -21,6 +21,8 @@ from kvplug.keys import fingerprint
 from kvplug.layout import KVLayout
 
 T, H, D, LAYERS, NUM_BLOCKS = 16, 2, 8, 2, 32
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 
 
@@ -31,7 +33,7 @@ class FakeRequest(SimpleNamespace):
 class Engine:
     """Both halves plus a fake paged KV cache and a trivial block allocator."""
 
-    def __init__(self, tmp_path, name="slab", **config):
+    def __init__(self, tmp_path, name="slab", device="cpu", **config):
         layout = KVLayout(LAYERS, H, D, T, "bfloat16")
         cfg = KVPlugConfig.from_dict({"cpu_bytes": "4MiB", "shm_dir": str(tmp_path), **config})
         codec = get_codec(cfg.codec, layout)
@@ -39,7 +41,7 @@ class Engine:
         self.sched = SchedulerHalf(cfg, self.geo)
         self.worker = WorkerHalf(cfg, self.geo)
         # FlashInfer-style (num_blocks, 2, T, H, D): filled with what a forward pass would write.
-        self.kv = {n: torch.zeros(NUM_BLOCKS, 2, T, H, D, dtype=torch.bfloat16) for n in NAMES}
+        self.kv = {n: torch.zeros(NUM_BLOCKS, 2, T, H, D, dtype=torch.bfloat16, device=device) for n in NAMES}
         self.worker.register_kv_caches(self.kv)
         self.blocks: dict[str, list[int]] = {}
         self._free = list(range(1, NUM_BLOCKS))
@@ -99,9 +101,9 @@ def kv_value(prefix: list[int], name: str) -> torch.Tensor:
     return torch.randn(2, H, D, generator=g).to(torch.bfloat16)
 
 
-@pytest.fixture
-def engine(tmp_path):
-    e = Engine(tmp_path)
+@pytest.fixture(params=DEVICES)
+def engine(tmp_path, request):
+    e = Engine(tmp_path, device=request.param)
     yield e
     e.close()
 
@@ -200,16 +202,17 @@ def test_unfinished_lookup_pins_are_released(engine):
     assert engine.sched.store.stats()["cpu"]["pinned_blocks"] == 0
 
 
-def test_ssd_blocks_are_promoted_before_the_request_runs(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_ssd_blocks_are_promoted_before_the_request_runs(tmp_path, device):
     ssd = str(tmp_path / "ssd")
     tokens = list(range(600, 648))
-    first = Engine(tmp_path, "slab1", ssd_path=ssd, ssd_bytes="16MiB")
+    first = Engine(tmp_path, "slab1", device, ssd_path=ssd, ssd_bytes="16MiB")
     a = first.request("a", tokens)
     first.schedule(a)
     first.step({a: 48})
     first.close()  # flushes the SSD writes
 
-    second = Engine(tmp_path, "slab2", ssd_path=ssd, ssd_bytes="16MiB")
+    second = Engine(tmp_path, "slab2", device, ssd_path=ssd, ssd_bytes="16MiB")
     b = second.request("b", tokens)
     n, _ = second.sched.get_num_new_matched_tokens(b, 0)
     if n is None:  # promotion in flight: vLLM asks again on a later step
@@ -218,7 +221,7 @@ def test_ssd_blocks_are_promoted_before_the_request_runs(tmp_path):
     assert second.sched.stats.data["hit_tokens_ssd"] == 47
     second.step({b: 1})
     for pos in range(47):
-        assert torch.equal(second.kv_of(b, pos), kv_value(tokens[:pos + 1], NAMES[-1]))
+        assert torch.equal(second.kv_of(b, pos).cpu(), kv_value(tokens[:pos + 1], NAMES[-1]))
     second.close()
 
 
@@ -232,4 +235,21 @@ def test_worker_rejects_caches_of_another_shape(tmp_path):
     e = Engine(tmp_path)
     with pytest.raises(ValueError, match="unrecognised paged KV shape"):
         e.worker.register_kv_caches({n: torch.zeros(4, 3, T, H, D, dtype=torch.bfloat16) for n in NAMES})
+    e.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4h_blocks_come_back_close(tmp_path, device):
+    e = Engine(tmp_path, device=device, codec="int4h")
+    tokens = list(range(700, 740))
+    a = e.request("a", tokens)
+    e.schedule(a)
+    e.step({a: 40})
+    b = e.request("b", tokens)
+    assert e.schedule(b) == 32  # the full blocks (no finish, so no tail)
+    e.step({b: 8})
+    for pos in range(32):
+        for name in NAMES:
+            want, got = e.kv_of(a, pos, name).float(), e.kv_of(b, pos, name).float()
+            assert (got - want).norm() <= 0.15 * want.norm()
     e.close()
