@@ -121,6 +121,7 @@ class EngineRun:
     store_stats: dict | None = None
     layout: dict = field(default_factory=dict)
     profile: dict | None = None  # per request: kvplug function -> ms within its TTFT window
+    load_avg: dict = field(default_factory=dict)  # 1/5/15-min load average at start and end
 
     def by_name(self) -> dict[str, dict]:
         return {r["name"]: r for r in self.requests}
@@ -135,6 +136,7 @@ def run_engine(name: str, workdir: Path, model: str, requests: list[dict], *, kv
     spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "prefix_caching": prefix_caching,
                                 "max_model_len": max_model_len, "requests": requests, "settle_s": settle_s}))
     env = {**os.environ, **ENV}
+    load_start = load()
     if profile_dir:
         import profile_hooks
 
@@ -148,7 +150,7 @@ def run_engine(name: str, workdir: Path, model: str, requests: list[dict], *, kv
         raise RuntimeError(f"engine {name!r} failed (rc={proc.returncode}); log {logf}, tail:\n{log[-5000:]}")
     result = json.loads(out.read_text())
     run = EngineRun(name, result["requests"], result["engine_start_s"], time.monotonic() - t0, log,
-                    store_stats(log), thread_layout(log))
+                    store_stats(log), thread_layout(log), load_avg={"start": load_start, "end": load()})
     if profile_dir:
         run.profile = profile_hooks.attribute(profile_dir, {
             q["name"]: (q["arrival_wall"], q["arrival_wall"] + q["ttft_s"]) for q in run.requests})

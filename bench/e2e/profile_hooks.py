@@ -45,6 +45,10 @@ TIMED = [
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "start_load"),
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "_decode_layers"),  # loader thread (full blocks)
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "_decode"),         # one layer of blocks
+    ("kvplug.connectors.vllm.worker", "WorkerHalf", "_read_rows"),      # slab rows -> a temp tensor
+    ("kvplug.connectors.vllm.worker", "WorkerHalf", "_save"),           # one layer's save
+    ("kvplug.codec", "Codec", "decode"),                                # temp -> paged KV
+    ("kvplug.codec", "Codec", "encode"),                                # paged KV -> temp
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "wait_for_layer"),  # forward pass waiting on a load
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "save_layer"),
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "wait_for_save"),

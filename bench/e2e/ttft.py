@@ -127,7 +127,10 @@ def summarize(args, res: dict) -> dict:
     out = {
         "bench": "bench/e2e/ttft.py",
         "machine": res["machine"],
-        "load_avg_1_5_15": {"before": res["load_before"], "after": res["load_after"]},
+        "load_avg_1_5_15": {"before": res["load_before"], "after": res["load_after"],
+                            "note": "os.getloadavg(); during a run the bench's own engine adds ~1-2 "
+                                    "(worker busy on core 0, EngineCore/front end polling on core 1); "
+                                    "per engine process: engines.*.load_avg_1_5_15"},
         "bench_wall_s": round(res["wall_s"], 1),
         "model": {k: v for k, v in res["info"].items() if k != "path"},
         "prompt_tokens": res["prompt_tokens"],
@@ -187,6 +190,7 @@ def summarize(args, res: dict) -> dict:
         "store_stats_at_shutdown": {name: run.store_stats for name, run in runs.items() if run.store_stats},
         "thread_layout": {"env": ENV, "identical": len(core_layouts) == 1, "per_engine": layouts},
         "engines": {name: {"engine_start_s": run.engine_start_s, "process_wall_s": round(run.wall_s, 1),
+                           "load_avg_1_5_15": run.load_avg,
                            "requests": [{k: r4(v) for k, v in q.items() if k != "token_ids"} | {
                                "first_tokens": q["token_ids"]} for q in run.requests]}
                     for name, run in runs.items()},
@@ -220,6 +224,41 @@ def _profile(args, runs) -> dict | None:
                 entry[k] = r4(median(vals))
         out[kind] = entry
         out[kind + " first round"] = per_round[0]
+    out["summary_ms"] = _hit_summary(out, runs, args)
+    return out
+
+
+def _hit_summary(prof: dict, runs, args) -> dict:
+    """The hit paths in a few numbers (medians over rounds, ms)."""
+    def ms(kind, name):
+        v = prof.get(kind, {}).get(name)
+        return v["ms"] if isinstance(v, dict) else v
+
+    def ttft(config, which):
+        run = runs.get(config)
+        return median([run.by_name()[f"{which}{r + 1}"]["ttft_s"] * 1000 for r in range(args.rounds)]) if run else None
+
+    cpu, ssd, apc = "cpu_hit (B, kvplug_cpu)", "ssd_hit (C, kvplug_ssd_restart)", "apc_hit (B, vllm_apc)"
+    sched = ("SchedulerHalf.get_num_new_matched_tokens", "SchedulerHalf.update_state_after_alloc",
+             "SchedulerHalf.build_connector_meta", "SchedulerHalf.update_connector_output")
+    out = {
+        "cpu_hit_ttft": r4(ttft("kvplug_cpu", "B")),
+        "apc_hit_ttft": r4(ttft("vllm_apc", "B")),
+        "cpu_hit_minus_apc_hit_ttft": r4(ttft("kvplug_cpu", "B") - ttft("vllm_apc", "B"))
+        if "kvplug_cpu" in runs and "vllm_apc" in runs else None,
+        "cpu_hit_worker_load (WorkerHalf._decode_layers: _read_rows + Codec.decode, all layers)":
+            ms(cpu, "WorkerHalf._decode_layers"),
+        "cpu_hit_worker_read_rows (slab rows -> temp, WorkerHalf._read_rows)": ms(cpu, "WorkerHalf._read_rows"),
+        "cpu_hit_worker_codec_decode (temp -> paged KV, Codec.decode raw)": ms(cpu, "Codec.decode"),
+        "cpu_hit_forward_waiting_for_layers (WorkerHalf.wait_for_layer)": ms(cpu, "WorkerHalf.wait_for_layer"),
+        "cpu_hit_execute_model": ms(cpu, "CPUModelRunner.execute_model"),
+        "apc_hit_execute_model": ms(apc, "CPUModelRunner.execute_model"),
+        "cpu_hit_scheduler_half": r4(sum(ms(cpu, n) or 0 for n in sched)),
+        "ssd_hit_ttft": r4(ttft("kvplug_ssd_restart", "C")),
+        "ssd_hit_promotion_span (first SSDTier.read -> last _read_done)": prof.get(ssd, {}).get("ssd_promotion_span_ms"),
+        "ssd_hit_worker_load (WorkerHalf._decode_layers)": ms(ssd, "WorkerHalf._decode_layers"),
+        "ssd_hit_scheduler_half (polled every step while promoting)": r4(sum(ms(ssd, n) or 0 for n in sched)),
+    }
     return out
 
 

@@ -113,3 +113,20 @@ def test_results_json_has_every_figure():
     out = ttft.summarize(args, {**res, "runs": runs})
     assert out["outputs_identical"] is False
     assert out["outputs_identical_detail"]["ssd_hit_C_vs_cold_no_kvplug"] is False
+
+
+def test_profile_summary():
+    args = argparse.Namespace(rounds=2, profile=True)
+    runs = _fake_runs(2)
+    for r in (1, 2):
+        runs["kvplug_cpu"].profile = {**(runs["kvplug_cpu"].profile or {}), f"B{r}": {
+            "WorkerHalf._decode_layers": {"ms": 200.0, "calls": 1},
+            "SchedulerHalf.get_num_new_matched_tokens": {"ms": 1.0, "calls": 1}}}
+        runs["kvplug_ssd_restart"].profile = {**(runs["kvplug_ssd_restart"].profile or {}), f"C{r}": {
+            "WorkerHalf._decode_layers": {"ms": 190.0, "calls": 1}, "ssd_promotion_span_ms": 40.0}}
+    out = ttft._profile(args, runs)
+    s = out["summary_ms"]
+    assert s["cpu_hit_minus_apc_hit_ttft"] == pytest.approx(100.0)
+    assert s["cpu_hit_worker_load (WorkerHalf._decode_layers: _read_rows + Codec.decode, all layers)"] == 200.0
+    assert s["ssd_hit_promotion_span (first SSDTier.read -> last _read_done)"] == 40.0
+    assert s["cpu_hit_scheduler_half"] == 1.0
