@@ -45,7 +45,6 @@ class _Req:
         self.loaded_ids: list[int] = []    # vLLM blocks the last load filled
         self.saves: set[int] = set()       # save jobs in flight
         self.poisoned: set[int] = set()    # save jobs computed over a failed load: abort them
-        self.finished = False
 
     def key(self, i: int) -> bytes:
         """Key of full block i (hashing the blocks before it once)."""
@@ -259,7 +258,6 @@ class SchedulerHalf:
         self._drop_handle(st)
         if self.config.store_partial_blocks and not st.poisoned:
             self._store_tail(st, block_ids)
-        st.finished = True
         if st.saves or st.loading is not None:
             # The worker still reads (saves) or writes (loads) these blocks: vLLM
             # frees them once the worker reports the request in finished_sending.
