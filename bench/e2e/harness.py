@@ -205,6 +205,26 @@ def machine() -> dict:
             "vllm": vllm.__version__, "torch": torch.__version__, "platform": platform.platform()}
 
 
+def code_state() -> dict:
+    """Which kvplug the bench measures: the commit, files changed beside it, and a hash of
+    the sources (compare the hash at start and end: the tree may change during a run)."""
+    import hashlib
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    h = hashlib.sha256()
+    for d in ("kvplug", "connectors", "triton_kernels"):
+        for f in sorted((ROOT / d).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    dirty = git("status", "--porcelain", "--", "kvplug", "connectors", "triton_kernels")
+    return {"commit": git("rev-parse", "HEAD"), "dirty_files": [l.strip() for l in dirty.splitlines()] if dirty else [],
+            "sources_sha256": h.hexdigest()[:16]}
+
+
 def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

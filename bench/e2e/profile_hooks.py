@@ -27,7 +27,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-# (module, class, method): what runs in a hit's path, on each side.
+# (module, class or None for a module-level function, name): what runs in a hit's
+# path, on each side. Names that do not exist (the connector changes) are skipped.
 TIMED = [
     # EngineCore: the scheduler half and the store.
     ("kvplug.connectors.vllm.scheduler", "SchedulerHalf", "get_num_new_matched_tokens"),
@@ -52,6 +53,17 @@ TIMED = [
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "wait_for_layer"),  # forward pass waiting on a load
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "save_layer"),
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "wait_for_save"),
+    # kvplug.transfer.LayerPipeline (the worker's transfers since it moved there).
+    ("kvplug.transfer", "LayerPipeline", "start_load"),
+    ("kvplug.transfer", "LayerPipeline", "wait_layer"),     # forward pass waiting on a load
+    ("kvplug.transfer", "LayerPipeline", "finish_load"),
+    ("kvplug.transfer", "LayerPipeline", "save_layer"),
+    ("kvplug.transfer", "LayerPipeline", "finish_saves"),
+    ("kvplug.transfer", "LayerPipeline", "_cpu_load_job"),  # transfer thread: every layer of a load
+    ("kvplug.transfer", "LayerPipeline", "_cpu_save_job"),  # transfer thread: one layer of a save
+    ("kvplug.transfer", "LayerPipeline", "_decode_rows"),
+    ("kvplug.transfer", None, "gather_rows"),               # slab rows -> staging (memmove per row)
+    ("kvplug.transfer", None, "scatter_rows"),              # staging -> slab rows
     # vLLM, for scale: one engine step's model execution in the worker.
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "execute_model"),
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "sample_tokens"),
@@ -86,12 +98,13 @@ def _patch(module, directory: str) -> list[str]:
     for mod, cls, meth in TIMED:
         if mod != module.__name__:
             continue
-        klass = getattr(module, cls, None)
-        fn = getattr(klass, meth, None)
+        owner = module if cls is None else getattr(module, cls, None)  # None: a module-level function
+        fn = getattr(owner, meth, None)
         if fn is None or getattr(fn, "__kvplug_profiled__", False):
             continue
-        setattr(klass, meth, _wrap(fn, f"{cls}.{meth}", directory))
-        done.append(f"{cls}.{meth}")
+        name = meth if cls is None else f"{cls}.{meth}"
+        setattr(owner, meth, _wrap(fn, name, directory))
+        done.append(name)
     return done
 
 

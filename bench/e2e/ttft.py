@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (BLOCK, ENV, ROOT, build_model, load, machine, make_rounds, median, model_info,
+from harness import (BLOCK, ENV, ROOT, build_model, code_state, load, machine, make_rounds, median, model_info,
                      r4, ratio, request, run_engine, store_table, ttft_table)
 
 TTFT_SOURCE = ("RequestOutput.metrics.first_token_latency: front-end arrival -> first token at the front "
@@ -127,6 +127,7 @@ def summarize(args, res: dict) -> dict:
     out = {
         "bench": "bench/e2e/ttft.py",
         "machine": res["machine"],
+        "kvplug_code": res.get("code"),
         "load_avg_1_5_15": {"before": res["load_before"], "after": res["load_after"],
                             "note": "os.getloadavg(); during a run the bench's own engine adds ~1-2 "
                                     "(worker busy on core 0, EngineCore/front end polling on core 1); "
@@ -241,22 +242,28 @@ def _hit_summary(prof: dict, runs, args) -> dict:
     cpu, ssd, apc = "cpu_hit (B, kvplug_cpu)", "ssd_hit (C, kvplug_ssd_restart)", "apc_hit (B, vllm_apc)"
     sched = ("SchedulerHalf.get_num_new_matched_tokens", "SchedulerHalf.update_state_after_alloc",
              "SchedulerHalf.build_connector_meta", "SchedulerHalf.update_connector_output")
+
+    def first(kind, *names):  # the connector's functions moved over time: the first one timed
+        return next((v for v in (ms(kind, n) for n in names) if v is not None), None)
+
+    load_fns = ("LayerPipeline._cpu_load_job", "WorkerHalf._decode_layers")
+    wait_fns = ("LayerPipeline.wait_layer", "WorkerHalf.wait_for_layer")
     out = {
         "cpu_hit_ttft": r4(ttft("kvplug_cpu", "B")),
         "apc_hit_ttft": r4(ttft("vllm_apc", "B")),
         "cpu_hit_minus_apc_hit_ttft": r4(ttft("kvplug_cpu", "B") - ttft("vllm_apc", "B"))
         if "kvplug_cpu" in runs and "vllm_apc" in runs else None,
-        "cpu_hit_worker_load (WorkerHalf._decode_layers: _read_rows + Codec.decode, all layers)":
-            ms(cpu, "WorkerHalf._decode_layers"),
-        "cpu_hit_worker_read_rows (slab rows -> temp, WorkerHalf._read_rows)": ms(cpu, "WorkerHalf._read_rows"),
-        "cpu_hit_worker_codec_decode (temp -> paged KV, Codec.decode raw)": ms(cpu, "Codec.decode"),
-        "cpu_hit_forward_waiting_for_layers (WorkerHalf.wait_for_layer)": ms(cpu, "WorkerHalf.wait_for_layer"),
+        "cpu_hit_worker_load (transfer thread, all layers: " + " | ".join(load_fns) + ")": first(cpu, *load_fns),
+        "cpu_hit_worker_gather_rows (slab rows -> staging: gather_rows | WorkerHalf._read_rows)":
+            first(cpu, "gather_rows", "WorkerHalf._read_rows"),
+        "cpu_hit_worker_codec_decode (staging/slab -> paged KV: Codec.decode, raw)": ms(cpu, "Codec.decode"),
+        "cpu_hit_forward_waiting_for_layers (" + " | ".join(wait_fns) + ")": first(cpu, *wait_fns),
         "cpu_hit_execute_model": ms(cpu, "CPUModelRunner.execute_model"),
         "apc_hit_execute_model": ms(apc, "CPUModelRunner.execute_model"),
         "cpu_hit_scheduler_half": r4(sum(ms(cpu, n) or 0 for n in sched)),
         "ssd_hit_ttft": r4(ttft("kvplug_ssd_restart", "C")),
         "ssd_hit_promotion_span (first SSDTier.read -> last _read_done)": prof.get(ssd, {}).get("ssd_promotion_span_ms"),
-        "ssd_hit_worker_load (WorkerHalf._decode_layers)": ms(ssd, "WorkerHalf._decode_layers"),
+        "ssd_hit_worker_load": first(ssd, *load_fns),
         "ssd_hit_scheduler_half (polled every step while promoting)": r4(sum(ms(ssd, n) or 0 for n in sched)),
     }
     return out
@@ -293,10 +300,11 @@ def main(argv=None) -> None:
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kvplug-ttft-"))
     t0 = time.monotonic()
-    load_before = load()
+    load_before, code_before = load(), code_state()
     try:
         res = run_all(args, workdir)
-        res.update(machine=machine(), load_before=load_before, load_after=load(), wall_s=time.monotonic() - t0)
+        res.update(machine=machine(), load_before=load_before, load_after=load(), wall_s=time.monotonic() - t0,
+                   code={**code_before, "changed_during_run": code_state()["sources_sha256"] != code_before["sources_sha256"]})
         out = summarize(args, res)
     finally:
         if not args.workdir:
@@ -318,6 +326,8 @@ def main(argv=None) -> None:
     if out["store_stats_at_shutdown"]:
         c.print(store_table(out["store_stats_at_shutdown"]))
     c.print(f"outputs identical: {out['outputs_identical']} {out['outputs_identical_detail']}")
+    if res["code"]["changed_during_run"]:
+        c.print("[yellow]kvplug's sources changed during the run: the configurations may have run different code[/]")
     c.print(f"targets: {out['targets']}; load {load_before} -> {res['load_after']}; wrote {args.out}")
 
 

@@ -52,9 +52,10 @@ def test_log_parsing():
 def test_timers_wrap_a_module_imported_later(tmp_path, monkeypatch):
     pkg = tmp_path / "src"
     pkg.mkdir()
-    (pkg / "ttft_fake_mod.py").write_text("class K:\n    def f(self, x):\n        return x + 1\n")
+    (pkg / "ttft_fake_mod.py").write_text("class K:\n    def f(self, x):\n        return g(x) + 1\n\n\n"
+                                          "def g(x):\n    return x\n")
     monkeypatch.syspath_prepend(str(pkg))
-    monkeypatch.setattr(profile_hooks, "TIMED", [("ttft_fake_mod", "K", "f")])
+    monkeypatch.setattr(profile_hooks, "TIMED", [("ttft_fake_mod", "K", "f"), ("ttft_fake_mod", None, "g")])
     before = list(sys.meta_path)
     try:
         profile_hooks.install_on_import(tmp_path / "prof")
@@ -64,8 +65,9 @@ def test_timers_wrap_a_module_imported_later(tmp_path, monkeypatch):
     finally:
         sys.meta_path[:] = before
         sys.modules.pop("ttft_fake_mod", None)
-    (rec,) = profile_hooks.records(tmp_path / "prof")
-    assert rec[4] == "K.f"
+    recs = profile_hooks.records(tmp_path / "prof")
+    assert sorted(r[4] for r in recs) == ["K.f", "g"]
+    rec = next(r for r in recs if r[4] == "K.f")
     per_req = profile_hooks.attribute(tmp_path / "prof", {"hit": (rec[0] - 1, rec[0] + 1), "other": (0, 1)})
     assert per_req["hit"]["K.f"]["calls"] == 1 and per_req["other"] == {}
 
@@ -127,6 +129,7 @@ def test_profile_summary():
     out = ttft._profile(args, runs)
     s = out["summary_ms"]
     assert s["cpu_hit_minus_apc_hit_ttft"] == pytest.approx(100.0)
-    assert s["cpu_hit_worker_load (WorkerHalf._decode_layers: _read_rows + Codec.decode, all layers)"] == 200.0
+    assert s["cpu_hit_worker_load (transfer thread, all layers: LayerPipeline._cpu_load_job | "
+             "WorkerHalf._decode_layers)"] == 200.0
     assert s["ssd_hit_promotion_span (first SSDTier.read -> last _read_done)"] == 40.0
     assert s["cpu_hit_scheduler_half"] == 1.0
