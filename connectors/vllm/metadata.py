@@ -5,7 +5,8 @@ slab slots to load into which of vLLM's blocks, which blocks to save into
 which slots, and which finished requests to report back once saved.
 
 Worker -> scheduler (``KVPlugWorkerMetadata``, returned with the step's
-output): which save jobs and loads are done and which loaded blocks failed.
+output): which save jobs and loads are done, which saves could not be written
+and which loaded blocks failed.
 Counts add up across workers (tensor parallel), so the scheduler acts once
 every worker has reported.
 """
@@ -45,13 +46,14 @@ class KVPlugMetadata(KVConnectorMetadata):
 @dataclass
 class KVPlugWorkerMetadata(KVConnectorWorkerMetadata):
     saved: dict[int, int] = field(default_factory=dict)        # job_id -> workers done
+    unsaved: list[int] = field(default_factory=list)           # jobs some block of which was not written
     loaded: dict[str, int] = field(default_factory=dict)       # req_id -> workers done
     failed: dict[str, list[int]] = field(default_factory=dict)  # req_id -> vLLM block ids that failed
     attached: int = 0                                          # workers that mapped the slab this step
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVPlugWorkerMetadata":
         assert isinstance(other, KVPlugWorkerMetadata)
-        out = KVPlugWorkerMetadata(dict(self.saved), dict(self.loaded),
+        out = KVPlugWorkerMetadata(dict(self.saved), sorted(set(self.unsaved) | set(other.unsaved)), dict(self.loaded),
                                    {k: list(v) for k, v in self.failed.items()}, self.attached + other.attached)
         for job, n in other.saved.items():
             out.saved[job] = out.saved.get(job, 0) + n
@@ -62,4 +64,4 @@ class KVPlugWorkerMetadata(KVConnectorWorkerMetadata):
         return out
 
     def is_empty(self) -> bool:
-        return not (self.saved or self.loaded or self.failed or self.attached)
+        return not (self.saved or self.unsaved or self.loaded or self.failed or self.attached)

@@ -17,7 +17,8 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvplug.config import KVPlugConfig
 from kvplug.keys import block_key, tokens_array
-from kvplug.store import LoadHandle, StoreEntry, TieredStore
+from kvplug.blocks import LoadHandle, StoreEntry
+from kvplug.store import TieredStore
 
 from .geometry import Geometry
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
@@ -77,6 +78,7 @@ class SchedulerHalf:
         self._tails: list[SaveJob] = []     # partial tails of finished requests, for the next step
         self._release: list[str] = []       # finished requests vLLM holds blocks of for us
         self._saved = Counter()             # workers done per save job / load (tensor parallel: wait for all)
+        self._unsaved: set[int] = set()     # save jobs some worker could not write
         self._loaded = Counter()
         self._world = 1
         self._attached = 0
@@ -221,6 +223,7 @@ class SchedulerHalf:
                     self.stats.add("loaded_blocks", len(st.loading.loadable))
                     self.store.complete_load(st.loading)
                     st.loading = None
+        self._unsaved.update(wm.unsaved)
         for job_id, n in wm.saved.items():
             self._saved[job_id] += n
             if self._saved[job_id] < self._world:
@@ -230,8 +233,11 @@ class SchedulerHalf:
             st = self._reqs.get(req_id)
             if st is not None:
                 st.saves.discard(job_id)
-            if st is not None and job_id in st.poisoned:
-                st.poisoned.discard(job_id)
+            poisoned = st is not None and job_id in st.poisoned
+            if poisoned or job_id in self._unsaved:  # bytes missing or wrong: never make them visible
+                self._unsaved.discard(job_id)
+                if poisoned:
+                    st.poisoned.discard(job_id)
                 self.store.abort_store(keys)
                 self.stats.add("aborted_blocks", len(keys))
             else:

@@ -26,11 +26,9 @@ COUNTERS = {
     "load_failed_blocks": "Blocks whose load failed in the worker (vLLM recomputes them)",
     "stored_blocks": "Blocks written into kvplug (new keys only)",
     "store_skipped_blocks": "Blocks not written: already stored, in flight, or no room",
-    "aborted_blocks": "Stores abandoned (their request's load failed in the same step)",
+    "aborted_blocks": "Stores abandoned: not written by the worker, or computed over a failed load",
     "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
     "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
-    "load_seconds": "Worker time spent loading",
-    "save_seconds": "Worker time spent saving",
 }
 
 

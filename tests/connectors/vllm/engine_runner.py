@@ -28,23 +28,29 @@ import sys
 import tempfile
 import time
 
+import torch
+
 
 def _install_fault_injection(flag_path: str) -> None:
+    from kvplug.codec import Codec
     from kvplug.connectors.vllm.worker import WorkerHalf
 
-    start_load, read_rows = WorkerHalf.start_load, WorkerHalf._read_rows
+    start_load, decode = WorkerHalf.start_load, Codec.decode
+    bad: set[int] = set()
 
     def start_load_marking(self, meta):
-        on = os.path.exists(flag_path)
-        self._bad_slots = {job.slots[1] for job in meta.loads if on and len(job.slots) > 1}
+        bad.clear()
+        if os.path.exists(flag_path):
+            bad.update(job.block_ids[1] for job in meta.loads if len(job.block_ids) > 1)
         return start_load(self, meta)
 
-    def failing_read_rows(self, layer, slots):
-        if getattr(self, "_bad_slots", None) and self._bad_slots & set(slots):
-            raise OSError(f"injected read error (slots {sorted(self._bad_slots & set(slots))})")
-        return read_rows(self, layer, slots)
+    def failing_decode(self, src, kv_view, block_ids):
+        hit = bad.intersection(torch.as_tensor(block_ids).tolist())
+        if hit:
+            raise OSError(f"injected read error (blocks {sorted(hit)})")
+        return decode(self, src, kv_view, block_ids)
 
-    WorkerHalf.start_load, WorkerHalf._read_rows = start_load_marking, failing_read_rows
+    WorkerHalf.start_load, Codec.decode = start_load_marking, failing_decode
 
 
 FAULT_FLAG = "E2E_FAULT_FLAG"  # not KVPLUG_*: those are kvplug settings

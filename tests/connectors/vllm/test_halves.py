@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvplug.codec import get_codec
+from kvplug.codec import Codec, get_codec
 from kvplug.config import KVPlugConfig
 from kvplug.connectors.vllm.geometry import Geometry
 from kvplug.connectors.vllm.scheduler import SchedulerHalf
@@ -66,6 +66,10 @@ class Engine:
 
     def step(self, scheduled: dict, fill: bool = True):
         """One engine step computing `scheduled` {req: tokens}; returns the worker's outputs."""
+        with torch.inference_mode():  # as vLLM runs its steps
+            return self._step(scheduled, fill)
+
+    def _step(self, scheduled: dict, fill: bool):
         out = SimpleNamespace(num_scheduled_tokens={r.request_id: n for r, n in scheduled.items()},
                               kv_connector_block_state=None)
         meta = self.sched.build_connector_meta(out)
@@ -99,6 +103,25 @@ def kv_value(prefix: list[int], name: str) -> torch.Tensor:
     """The KV a model would compute at a position: a function of the prefix (and layer)."""
     g = torch.Generator().manual_seed(hash((tuple(prefix), name)) % (2**31))
     return torch.randn(2, H, D, generator=g).to(torch.bfloat16)
+
+
+def fail_decoding(monkeypatch, block_id: int) -> None:
+    """Make decoding into vLLM block `block_id` raise, as a bad read would."""
+    decode = Codec.decode
+
+    def failing(self, src, kv_view, block_ids):
+        if block_id in torch.as_tensor(block_ids).tolist():
+            raise OSError("disk on fire")
+        return decode(self, src, kv_view, block_ids)
+
+    monkeypatch.setattr(Codec, "decode", failing)
+
+
+def fail_encoding(monkeypatch) -> None:
+    def failing(self, kv_view, block_ids, out):
+        raise OSError("slab on fire")
+
+    monkeypatch.setattr(Codec, "encode", failing)
 
 
 @pytest.fixture(params=DEVICES)
@@ -156,10 +179,7 @@ def test_a_failed_load_is_reported_and_not_stored_over(engine, monkeypatch):
     engine.step({a: 48})
     b = engine.request("b", tokens + [9, 9])
     assert engine.schedule(b) == 48
-    bad_slot = engine.sched._planned[0].plan.slots[1]
-    read_rows = WorkerHalf._read_rows
-    monkeypatch.setattr(WorkerHalf, "_read_rows", lambda self, layer, slots: (
-        (_ for _ in ()).throw(OSError("disk on fire")) if bad_slot in slots else read_rows(self, layer, slots)))
+    fail_decoding(monkeypatch, engine.sched._planned[0].plan.block_ids[1])
     _, _, errors = engine.step({b: 2})
     assert errors == {engine.blocks["b"][1]}
     st = engine.sched._reqs["b"]
@@ -172,14 +192,22 @@ def test_save_over_a_failed_load_is_aborted(engine, monkeypatch):
     engine.step({a: 32})
     b = engine.request("b", list(range(400, 432)) + list(range(500, 520)))  # + 1 new full block + 4
     engine.schedule(b)
-    bad_slot = engine.sched._planned[0].plan.slots[0]
-    read_rows = WorkerHalf._read_rows
-    monkeypatch.setattr(WorkerHalf, "_read_rows", lambda self, layer, slots: (
-        (_ for _ in ()).throw(OSError("bad")) if bad_slot in slots else read_rows(self, layer, slots)))
+    fail_decoding(monkeypatch, engine.sched._planned[0].plan.block_ids[0])
     engine.step({b: 20})  # computes block 2 on top of a failed block 0
     assert engine.sched.stats.data["aborted_blocks"] == 1
     c = engine.request("c", list(range(400, 432)) + list(range(500, 520)) + [1])
     assert engine.schedule(c) == 32  # block 2 was not stored
+
+
+def test_a_save_the_worker_could_not_write_is_never_visible(engine, monkeypatch):
+    a = engine.request("a", list(range(800, 832)))
+    engine.schedule(a)
+    fail_encoding(monkeypatch)
+    engine.step({a: 32})
+    assert engine.sched.stats.data["aborted_blocks"] == 2
+    monkeypatch.undo()
+    b = engine.request("b", list(range(800, 832)) + [1])
+    assert engine.schedule(b) == 0
 
 
 def test_request_without_saves_is_freed_at_once(engine):
