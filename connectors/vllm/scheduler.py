@@ -5,11 +5,14 @@ keeps the chained keys of the blocks it has seen, the pinned hit between the
 lookup and the worker's copy, and the save jobs in flight. The worker only
 copies bytes; nothing becomes visible in the store until the worker says its
 bytes are written, and nothing pinned is unpinned before the worker is done.
+With load_policy=auto a hit is loaded only when kvplug.policy.LoadPolicy says
+loading beats recomputing, from prefill steps and SSD promotions it times.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 
 import xxhash
@@ -17,6 +20,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvplug.config import KVPlugConfig
 from kvplug.keys import block_key, tokens_array
+from kvplug.policy import LoadPolicy
 from kvplug.blocks import LoadHandle, StoreEntry
 from kvplug.store import TieredStore
 
@@ -38,6 +42,8 @@ class _Req:
         self.next_block = 0                # first full block not yet offered to the store
         self.handle: LoadHandle | None = None  # pinned hit: from lookup until sent to the worker
         self.load_start = 0                # num_computed_tokens the hit was looked up from
+        self.promoting = 0                 # SSD blocks of the hit being promoted
+        self.asked = 0.0                   # when the hit was looked up
         self.looked_up = False             # lookup counted in stats
         self.plan: LoadJob | None = None   # allocated; goes out with this step's metadata
         self.sources: dict[CacheHitSource, int] = {}
@@ -71,6 +77,8 @@ class SchedulerHalf:
         self.T = geo.block_tokens
         self.store = TieredStore(config, geo.layout, geo.block_bytes, geo.root, name=geo.slab_name)
         self.stats = KVPlugStats()
+        self.policy = LoadPolicy(config.load_policy)
+        self._step: tuple[float, int] | None = None  # (start, tokens) of the step in flight: prefill speed
         self._reqs: dict[str, _Req] = {}
         self._planned: list[_Req] = []
         self._jobs: dict[int, tuple[str, list[bytes]]] = {}  # save job -> (request, keys)
@@ -106,12 +114,21 @@ class SchedulerHalf:
             if hit.num_tokens - num_computed_tokens < self.config.min_hit_tokens:
                 return 0, False
             refs = hit.blocks[num_computed_tokens // self.T:]
+            tiers = Counter(r.tier for r in refs)
+            if not self.policy.should_load(hit.num_tokens - num_computed_tokens,
+                                           {t: n * self.geo.block_bytes for t, n in tiers.items()}):
+                self.stats.add("policy_skipped_tokens", hit.num_tokens - num_computed_tokens)
+                return 0, False
             st.handle = self.store.prepare_load(refs)
-            st.load_start = num_computed_tokens
-            if any(r.tier == "ssd" for r in refs):
+            st.load_start, st.promoting = num_computed_tokens, tiers["ssd"]
+            st.asked = time.monotonic()
+            if st.promoting:
                 self.stats.add("promotions")
         if not st.handle.done():
             return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
+        if st.promoting:  # as seen by the request: it waited from the lookup until now
+            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, time.monotonic() - st.asked)
+            st.promoting = 0
         if st.handle.failed:
             # Keep only the readable prefix pinned: a failed block must be free to be
             # stored again once this request has recomputed it.
@@ -159,6 +176,8 @@ class SchedulerHalf:
 
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
         meta = KVPlugMetadata()
+        if scheduler_output.total_num_scheduled_tokens >= self.T:  # a prefill-sized step: time it
+            self._step = (time.monotonic(), scheduler_output.total_num_scheduled_tokens)
         for st in self._planned:
             if st.plan is not None:
                 meta.loads.append(st.plan)
@@ -200,6 +219,9 @@ class SchedulerHalf:
         return job
 
     def update_connector_output(self, output) -> None:
+        if self._step is not None:
+            self.policy.observe_prefill(self._step[1], time.monotonic() - self._step[0])
+            self._step = None
         wm = output.kv_connector_worker_meta
         if isinstance(wm, KVPlugWorkerMetadata):
             self._on_worker_meta(wm)

@@ -71,7 +71,7 @@ class Engine:
 
     def _step(self, scheduled: dict, fill: bool):
         out = SimpleNamespace(num_scheduled_tokens={r.request_id: n for r, n in scheduled.items()},
-                              kv_connector_block_state=None)
+                              total_num_scheduled_tokens=sum(scheduled.values()), kv_connector_block_state=None)
         meta = self.sched.build_connector_meta(out)
         self.worker.start_load(meta)
         for name in NAMES:
@@ -250,6 +250,23 @@ def test_ssd_blocks_are_promoted_before_the_request_runs(tmp_path, device):
     second.step({b: 1})
     for pos in range(47):
         assert torch.equal(second.kv_of(b, pos).cpu(), kv_value(tokens[:pos + 1], NAMES[-1]))
+    second.close()
+
+
+def test_auto_policy_recomputes_when_loading_is_slower(tmp_path):
+    ssd = str(tmp_path / "ssd")
+    tokens = list(range(900, 948))
+    first = Engine(tmp_path, "slab1", ssd_path=ssd, ssd_bytes="16MiB")
+    a = first.request("a", tokens)
+    first.schedule(a)
+    first.step({a: 48})
+    first.close()
+    second = Engine(tmp_path, "slab2", ssd_path=ssd, ssd_bytes="16MiB", load_policy="auto")
+    second.sched.policy.observe_prefill(10**9, 1.0)   # recomputing is fast
+    second.sched.policy.observe_load("ssd", 1, 10.0)  # the SSD is slow
+    b = second.request("b", tokens)
+    assert second.sched.get_num_new_matched_tokens(b, 0) == (0, False)
+    assert second.sched.stats.data["policy_skipped_tokens"] == 47
     second.close()
 
 
