@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(PY) -m pytest -q bench --benchmark-enable
+	$(VENV)/bin/pytest -q bench --benchmark-enable
 
 clean:
 	rm -rf $(VENV) build *.egg-info

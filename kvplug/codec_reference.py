@@ -169,7 +169,7 @@ def int4h_decode(src: torch.Tensor, kv: torch.Tensor, block_ids, group: int = 0)
 def raw_gather(kv: torch.Tensor, block_ids, out: torch.Tensor) -> None:
     """Copy blocks of kv [nb, 2, T, H, D] into out uint8 [n, 2*T*H*D*itemsize], bit-exact."""
     ids = _as_ids(block_ids, kv.device)
-    per_block = kv[0].numel()
+    per_block = math.prod(kv.shape[1:])
     _check_out(out, len(ids), per_block * kv.element_size())
     ikv = kv.view(_INT_VIEW[kv.element_size()])
     for i, j in _chunks(len(ids), per_block):
@@ -179,7 +179,7 @@ def raw_gather(kv: torch.Tensor, block_ids, out: torch.Tensor) -> None:
 def raw_scatter(src: torch.Tensor, kv: torch.Tensor, block_ids) -> None:
     """Copy src uint8 [n, 2*T*H*D*itemsize] into blocks ``block_ids`` of kv, bit-exact."""
     ids = _as_ids(block_ids, kv.device)
-    per_block = kv[0].numel()
+    per_block = math.prod(kv.shape[1:])
     _check_out(src, len(ids), per_block * kv.element_size())
     ikv = kv.view(_INT_VIEW[kv.element_size()])
     for i, j in _chunks(len(ids), per_block):

@@ -57,16 +57,75 @@ class KVLayout:
         return asdict(self)
 
 
-def paged_view(kv: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+@dataclass(frozen=True)
+class BlockStrides:
+    """Where K and V live inside one block of a 4-D CPU cache: (offset, token, head, dim), in elements.
+
+    vLLM's CPU backend hands a ``(num_blocks, H, T, 2*D)`` tensor whose real order is
+    up to its attention kernels (its "vec" ISA keeps K transposed, ``[D, T]`` per
+    head, and V as ``[T, D]``), so the connector probes it with vLLM's own
+    cache-write op (connectors/vllm/cpu_layout.py)."""
+
+    k: tuple[int, int, int, int]
+    v: tuple[int, int, int, int]
+
+    @classmethod
+    def plain(cls, T: int, H: int, D: int) -> "BlockStrides":
+        """Per head all K tokens ``[T, D]`` then all V: what cpu_attn's Python side reads."""
+        return cls(k=(0, D, 2 * T * D, 1), v=(T * D, D, 2 * T * D, 1))
+
+
+class SplitKV:
+    """The ``[num_blocks, 2, T, H, D]`` paged view where K and V have different strides.
+
+    Not a tensor: it offers what the codec's torch path and the transfers use
+    (index_select / index_copy_ on blocks, view as another dtype, shape)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # each [num_blocks, T, H, D]
+        self.shape = torch.Size((k.shape[0], 2, *k.shape[1:]))
+        self.dtype, self.device, self.is_cuda = k.dtype, k.device, k.is_cuda
+
+    def dim(self) -> int:
+        return 5
+
+    def element_size(self) -> int:
+        return self.k.element_size()
+
+    def view(self, dtype: torch.dtype) -> "SplitKV":
+        return SplitKV(self.k.view(dtype), self.v.view(dtype))
+
+    def index_select(self, dim: int, ids: torch.Tensor) -> torch.Tensor:
+        assert dim == 0
+        return torch.stack([self.k.index_select(0, ids), self.v.index_select(0, ids)], dim=1)
+
+    def index_copy_(self, dim: int, ids: torch.Tensor, src: torch.Tensor) -> "SplitKV":
+        assert dim == 0
+        self.k.index_copy_(0, ids, src[:, 0])
+        self.v.index_copy_(0, ids, src[:, 1])
+        return self
+
+
+def copy_tokens(view: torch.Tensor | SplitKV, block_id: int, src: torch.Tensor, n: int) -> None:
+    """Write the first n tokens of src [2, T, H, D] into block block_id of a paged view."""
+    if isinstance(view, SplitKV):
+        view.k[block_id, :n].copy_(src[0, :n])
+        view.v[block_id, :n].copy_(src[1, :n])
+    else:
+        view[block_id, :, :n].copy_(src[:, :n])
+
+
+def paged_view(kv: torch.Tensor, layout: KVLayout, cpu_strides: BlockStrides | None = None) -> torch.Tensor | SplitKV:
     """A view ``[num_blocks, 2, block_tokens, kv_heads, head_size]`` of one layer's paged KV.
 
     Accepted (vLLM's backends):
       5-D ``(2, num_blocks, T, H, D)``      K/V split first (FlashAttention-style)
       5-D ``(num_blocks, 2, T, H, D)``      K/V split second (FlashInfer, Triton)
-      4-D ``(num_blocks, H, T, 2*D)``       CPU backend: per (block, head) the memory is
-                                            read as ``(2*T, D)``, all K tokens then all V
-                                            (vLLM's cpu_attn views it so and chunks dim 2)
+      4-D ``(num_blocks, H, T, 2*D)``       CPU backend, contiguous per block: K and V
+                                            where ``cpu_strides`` says (default: per
+                                            head all K tokens then all V, ``[T, D]`` each)
     with any strides (HND/NHD physical permutations are read from the strides).
+    When K and V have different strides the result is a SplitKV, not a tensor.
     """
     T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_size
     if kv.dtype != layout.torch_dtype:
@@ -76,11 +135,15 @@ def paged_view(kv: torch.Tensor, layout: KVLayout) -> torch.Tensor:
         view = kv.permute(1, 0, 2, 3, 4)
     elif kv.dim() == 5 and shape[1] == 2 and shape[2:] == (T, H, D):
         view = kv
-    elif kv.dim() == 4 and shape[1:] == (H, T, 2 * D) and st[2] == 2 * D * st[3]:
-        nb = shape[0]
-        view = kv.as_strided(
-            (nb, 2, T, H, D), (st[0], T * D * st[3], D * st[3], st[1], st[3]), kv.storage_offset()
-        )
+    elif kv.dim() == 4 and shape[1:] == (H, T, 2 * D) and kv[0].is_contiguous():
+        nb, bs = shape[0], cpu_strides or BlockStrides.plain(T, H, D)
+        k, v = bs.k, bs.v
+        base = kv.storage_offset()
+        if k[1:] == v[1:]:
+            view = kv.as_strided((nb, 2, T, H, D), (st[0], v[0] - k[0], *k[1:]), base + k[0])
+        else:
+            view = SplitKV(kv.as_strided((nb, T, H, D), (st[0], *k[1:]), base + k[0]),
+                           kv.as_strided((nb, T, H, D), (st[0], *v[1:]), base + v[0]))
     else:
         raise ValueError(
             f"unrecognised paged KV shape {shape} (strides {st}) for layout "

@@ -44,11 +44,9 @@ it encodes saves too.
 Partial blocks (num_tokens < block_tokens) are decoded into a scratch block
 and only their first num_tokens tokens are copied into the paged block: the
 rest belongs to the request, which may write it before waiting for the layer.
-"Tokens" are those of ``kvplug.layout.paged_view``'s token axis, which is the
-backend's on the GPU layouts; on vLLM 0.32's CPU backend (K of every token of
-a head in the first half of the block, V in the second) it is not: there,
-load partial blocks whole (num_tokens = block_tokens) and ``finish_load``
-before the forward pass writes their tails.
+On vLLM's CPU backend K and V have different strides (its "vec" ISA keeps K
+transposed): the views are then ``kvplug.layout.SplitKV``, which the torch
+codec path and ``copy_tokens`` handle like a tensor.
 
 A block that cannot be moved (bad block id or slot, or its decode / encode
 raised) is reported by ``finish_load`` / ``finish_saves``; every waiter is
@@ -66,6 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvplug.layout import copy_tokens
 from kvplug.transfer_movers import MOVERS, RING, cudart, gather_rows, is_run, scatter_rows
 
 log = logging.getLogger("kvplug")
@@ -318,7 +317,7 @@ class LayerPipeline:
         self.codec.decode(rows, scratch, self._arange[:k])
         for r in range(k):
             n = batch.ntok[a + r]
-            view[batch.ids[a + r], :, :n].copy_(scratch[r, :, :n])
+            copy_tokens(view, batch.ids[a + r], scratch[r], n)
 
     # -- CPU ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from kvplug.layout import paged_view
 from kvplug.tiers.cpu import CPUTier
 from kvplug.transfer import LayerPipeline
 
+from .cpu_layout import probe_block_strides
 from .geometry import Geometry
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata
 from .stats import KVPlugStats
@@ -50,7 +51,9 @@ class WorkerHalf:
         if missing:
             raise ValueError(f"kvplug: vLLM registered no KV cache for layers {missing[:3]}...")
         # paged_view raises with a clear message when a tensor does not fit the layout.
-        self._views = [paged_view(kv_caches[name], self.geo.layout) for name in self.geo.layer_names]
+        first = kv_caches[self.geo.layer_names[0]]
+        strides = probe_block_strides(self.geo.layout) if first.device.type == "cpu" and first.dim() == 4 else None
+        self._views = [paged_view(kv_caches[name], self.geo.layout, strides) for name in self.geo.layer_names]
 
     def _attach(self) -> LayerPipeline:
         # Lazily: the slab is created by the scheduler half, which vLLM builds
@@ -78,9 +81,8 @@ class WorkerHalf:
             pipe.start_load(blocks)
             return
         # A block the request hit only partly gets its hit tokens, and the forward
-        # pass writes the rest. On vLLM's CPU backend a token's K is not where
-        # paged_view says (K is stored transposed), so such a block is loaded
-        # whole, and before the forward pass writes into it.
+        # pass writes the rest. On CPU the load runs on a thread beside the forward
+        # pass, so such a block is loaded whole, before the forward pass writes into it.
         partial = [(b, s, T) for b, s, n in blocks if n < T]
         if partial:
             pipe.start_load(partial)
