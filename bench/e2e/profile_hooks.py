@@ -42,6 +42,11 @@ TIMED = [
     ("kvplug.store", "TieredStore", "complete_store"),
     ("kvplug.store", "TieredStore", "_read_done"),      # one SSD block promoted (I/O thread)
     ("kvplug.tiers.ssd", "SSDTier", "read"),            # submits one block's read
+    ("kvplug.tiers.ssd", "SSDTier", "write"),           # submits one block's write (write-through)
+    ("kvplug.tiers.ssd", "SSDTier", "_write_batch"),    # I/O thread: one batch of writes
+    ("kvplug.tiers.ssd", "SSDTier", "_read_batch"),     # I/O thread: one batch of reads
+    ("kvplug.store", "TieredStore", "_write_done"),     # one SSD write finished (I/O thread)
+    ("kvplug.tiers.manifest", "Manifest", "insert"),
     # Worker: the copies between vLLM's paged KV and the slab.
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "start_load"),
     ("kvplug.connectors.vllm.worker", "WorkerHalf", "_decode_layers"),  # loader thread (full blocks)
