@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from kvplug.keys import block_key, tokens_array
 
 
-@dataclass(frozen=True)
-class BlockRef:
+class BlockRef(NamedTuple):
+    """One block of a hit (a tuple: lookups make thousands a second)."""
+
     key: bytes
     num_tokens: int      # tokens of this block the hit covers (<= block_tokens)
     tier: str            # "cpu" or "ssd": where the block is now

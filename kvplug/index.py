@@ -23,7 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .keys import block_key, tokens_array
+import xxhash
+
+from .keys import tokens_array
+
+xxh3_128_digest = xxhash.xxh3_128_digest
 
 
 class _Children:
@@ -123,8 +127,9 @@ class PrefixIndex:
         query, bt = tokens_array(tokens), self.block_tokens
         hit: list[tuple[bytes, int]] = []
         parent, pos = self.root, 0
+        raw = query.tobytes()  # int64: 8 bytes a token; == block_key(parent, query[pos:pos + bt])
         while pos + bt <= len(query):
-            key = block_key(parent, query[pos : pos + bt])
+            key = xxh3_128_digest(parent + raw[pos * 8:(pos + bt) * 8])
             if key not in self._parent:
                 break
             hit.append((key, bt))

@@ -39,19 +39,16 @@ def tokens_array(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
 
 def block_key(parent: bytes, tokens: Sequence[int] | np.ndarray) -> bytes:
     """Key of a block (full or partial) that holds ``tokens`` after ``parent``."""
-    h = xxhash.xxh3_128()
-    h.update(parent)
-    h.update(tokens_array(tokens).tobytes())
-    return h.digest()
+    return xxhash.xxh3_128_digest(parent + tokens_array(tokens).tobytes())
 
 
 def chain_keys(root: bytes, tokens: Sequence[int] | np.ndarray, block_tokens: int, partial: bool = False) -> list[bytes]:
     """Keys of consecutive blocks of ``tokens``; with ``partial`` also the tail block."""
     arr = tokens_array(tokens)
-    n_full = len(arr) // block_tokens
+    n_full, raw, step = len(arr) // block_tokens, arr.tobytes(), block_tokens * 8
     keys, parent = [], root
-    for i in range(n_full):
-        parent = block_key(parent, arr[i * block_tokens:(i + 1) * block_tokens])
+    for i in range(n_full):  # == block_key(parent, block i), without a slice array per block
+        parent = xxhash.xxh3_128_digest(parent + raw[i * step:(i + 1) * step])
         keys.append(parent)
     if partial and len(arr) % block_tokens:
         keys.append(block_key(parent, arr[n_full * block_tokens:]))

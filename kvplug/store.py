@@ -108,13 +108,11 @@ class TieredStore:
         """The longest stored prefix of ``tokens``, block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
         with self._lock:
-            refs = []
+            resident, refs = self._resident, []
             for key, n in self._index.match(tokens):
-                block = self._resident.get(key)
-                if block is not None and block.visible:
-                    refs.append(BlockRef(key, n, "cpu", block.slot))
-                else:
-                    refs.append(BlockRef(key, n, "ssd", None))
+                block = resident.get(key)
+                refs.append(BlockRef(key, n, "cpu", block.slot) if block is not None and block.visible
+                            else BlockRef(key, n, "ssd", None))
         for i, ref in enumerate(refs):  # the SSD tier evicts on its own: check before promising
             if ref.tier == "ssd" and not self.ssd.contains(ref.key):
                 with self._lock:
@@ -209,12 +207,15 @@ class TieredStore:
         handle = LoadHandle()
         jobs: list[Callable[[], None]] = []
         with self._lock:
+            resident, touch = self._resident, self._policy.touch
             for i, ref in enumerate(refs):
-                block = self._resident.get(ref.key)
-                if block is not None and block.visible:
+                block = resident.get(ref.key)
+                if block is not None and block.visible:  # the hot path: a CPU hit
                     block.pins += 1
-                    self._policy.touch(ref.key)
-                    handle._add(BlockRef(ref.key, ref.num_tokens, "cpu", block.slot), reading=False)
+                    touch(ref.key)
+                    handle.blocks.append(ref if ref.slot == block.slot and ref.tier == "cpu"
+                                         else BlockRef(ref.key, ref.num_tokens, "cpu", block.slot))
+                    handle._pinned.append(ref.key)
                 elif block is not None and ref.key in self._reading:  # another load promotes it already
                     block.pins += 1
                     self._reading[ref.key].append((handle, i))
@@ -236,8 +237,12 @@ class TieredStore:
     def complete_load(self, handle: LoadHandle) -> None:
         """The caller is done with the slots: unpin the blocks."""
         with self._lock:
+            resident = self._resident
             for key in handle._pinned:
-                self._unpin(key)
+                block = resident[key]
+                block.pins -= 1
+                if block.pins == 0 and block.evicted:
+                    self._release(key)
             handle._pinned = []
 
     def get(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, list[bytes]]:
