@@ -87,7 +87,8 @@ def main(spec_path: str, out_path: str) -> None:
         }
     t0 = time.monotonic()
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 2048),
-              enable_prefix_caching=False, disable_log_stats=False, seed=0, **kwargs)
+              enable_prefix_caching=spec.get("enable_prefix_caching", False), disable_log_stats=False,
+              seed=0, **kwargs)
     out = {"engine_start_s": time.monotonic() - t0, "steps": {}}
     for step in spec["steps"]:
         if step.get("fail_second_block"):

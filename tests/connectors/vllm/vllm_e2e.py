@@ -55,11 +55,12 @@ REFERENCE_STEPS = {
 
 
 def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: dict | None = None,
-               linger_s: float = 0, timeout: float = 400) -> dict:
+               linger_s: float = 0, timeout: float = 400, prefix_caching: bool = False) -> dict:
     """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out, log = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
-    spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s}))
+    spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s,
+                                "enable_prefix_caching": prefix_caching}))
     env = {**os.environ, **ENV}
     t0 = time.monotonic()
     with open(log, "w") as f:
