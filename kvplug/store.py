@@ -120,20 +120,31 @@ class TieredStore:
                 refs = refs[:i]
                 break
         hit = Hit(sum(r.num_tokens for r in refs), refs)
-        self._count_lookup(len(tokens), hit)
+        with self._lock:
+            self._count_lookup(len(tokens), hit)
         return hit
 
     def _count_lookup(self, num_tokens: int, hit: Hit) -> None:
-        blocks, cpu_blocks = -(-num_tokens // self.block_tokens), hit.count("cpu")
-        cpu_tokens = sum(r.num_tokens for r in hit.blocks if r.tier == "cpu")
-        counts = {"lookups": 1, "lookup_tokens": num_tokens, "hit_tokens": hit.num_tokens,
-                  "cpu_hit_blocks": cpu_blocks, "cpu_hit_tokens": cpu_tokens,
-                  "cpu_miss_blocks": blocks - cpu_blocks, "cpu_miss_tokens": num_tokens - cpu_tokens}
+        """Per-tier hit and miss counters; the caller holds the lock."""
+        blocks = -(-num_tokens // self.block_tokens)
+        cpu_blocks = cpu_tokens = 0
+        for ref in hit.blocks:
+            if ref.tier == "cpu":
+                cpu_blocks += 1
+                cpu_tokens += ref.num_tokens
+        st = self._stats
+        st["lookups"] += 1
+        st["lookup_tokens"] += num_tokens
+        st["hit_tokens"] += hit.num_tokens
+        st["cpu_hit_blocks"] += cpu_blocks
+        st["cpu_hit_tokens"] += cpu_tokens
+        st["cpu_miss_blocks"] += blocks - cpu_blocks
+        st["cpu_miss_tokens"] += num_tokens - cpu_tokens
         if self.ssd is not None:  # the SSD tier sees what the CPU tier missed
-            counts.update(ssd_hit_blocks=len(hit.blocks) - cpu_blocks, ssd_hit_tokens=hit.num_tokens - cpu_tokens,
-                          ssd_miss_blocks=blocks - len(hit.blocks), ssd_miss_tokens=num_tokens - hit.num_tokens)
-        with self._lock:
-            self._stats.update(counts)
+            st["ssd_hit_blocks"] += len(hit.blocks) - cpu_blocks
+            st["ssd_hit_tokens"] += hit.num_tokens - cpu_tokens
+            st["ssd_miss_blocks"] += blocks - len(hit.blocks)
+            st["ssd_miss_tokens"] += num_tokens - hit.num_tokens
 
     # -- store ------------------------------------------------------------------
 
