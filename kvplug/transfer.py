@@ -344,6 +344,10 @@ class LayerPipeline:
         view, lb = self.views[layer], self.layer_bytes
 
         def save(a: int, b: int, i: int) -> None:
+            if is_run(batch.slots[a:b]):  # encode straight into the slab, as loads decode from it
+                s0 = int(batch.slots[a])
+                self.codec.encode(view, batch.ids_t[a:b], self.slab[s0:s0 + b - a, layer * lb:(layer + 1) * lb])
+                return
             rows = self._stage[a - i:b - i]
             self.codec.encode(view, batch.ids_t[a:b], rows)
             scatter_rows(rows, batch.rows[a:b], layer * lb)

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from prefix_oracle import longest_prefix
 
 from kvplug.index import PrefixIndex
 from kvplug.keys import block_key
@@ -114,23 +115,8 @@ def test_thousands_of_children_scan_is_vectorised_and_correct():
 TOKENS = st.lists(st.integers(0, 2), min_size=0, max_size=10)  # tiny alphabet: lots of sharing
 
 
-def oracle(blocks: dict, query: list[int]) -> int:
-    """Tokens of the longest stored prefix, by brute force over every block."""
-    parent, pos = ROOT, 0
-    while True:
-        best = 0
-        for key, (p, toks) in blocks.items():
-            if p != parent:
-                continue
-            lcp = 0
-            while lcp < len(toks) and pos + lcp < len(query) and toks[lcp] == query[pos + lcp]:
-                lcp += 1
-            if lcp == BT == len(toks):
-                parent, pos = key, pos + BT
-                break
-            best = max(best, lcp)
-        else:
-            return pos + best
+def oracle(stored: dict, query: list[int]) -> int:
+    return longest_prefix(stored, query, ROOT, BT)
 
 
 class IndexMachine(RuleBasedStateMachine):

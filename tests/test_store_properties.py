@@ -14,7 +14,14 @@ from collections import Counter, OrderedDict
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+from prefix_oracle import longest_prefix
 
 from kvplug.config import KVPlugConfig
 from kvplug.keys import block_key
@@ -45,23 +52,8 @@ def blocks_of(tokens: list[int]) -> list[tuple[bytes, bytes, list[int]]]:
     return out
 
 
-def longest_prefix(stored: dict, query: list[int]) -> int:
-    """Tokens of the longest stored prefix of ``query``, by brute force."""
-    parent, pos = ROOT, 0
-    while True:
-        best = 0
-        for key, (p, toks) in stored.items():
-            if p != parent:
-                continue
-            lcp = 0
-            while lcp < len(toks) and pos + lcp < len(query) and toks[lcp] == query[pos + lcp]:
-                lcp += 1
-            if lcp == BT == len(toks):
-                parent, pos = key, pos + BT
-                break
-            best = max(best, lcp)
-        else:
-            return pos + best
+def stored_prefix(stored: dict, query: list[int]) -> int:
+    return longest_prefix(stored, query, ROOT, BT)
 
 
 def slot_bytes(store: TieredStore, slot: int) -> bytes:
@@ -106,14 +98,14 @@ class CPUOnlyLRU(RuleBasedStateMachine):
     @rule(query=TOKENS)
     def lookup(self, query):
         hit = self.store.lookup(query)
-        assert hit.num_tokens == longest_prefix(self.lru, query)
+        assert hit.num_tokens == stored_prefix(self.lru, query)
         assert hit.count("cpu") == len(hit.blocks)
 
     @rule(query=TOKENS, keep=st.booleans())
     def load(self, query, keep):
         handle = self.store.prepare_load(self.store.lookup(query))
         assert handle.done() and not handle.failed
-        assert handle.num_tokens == longest_prefix(self.lru, query)
+        assert handle.num_tokens == stored_prefix(self.lru, query)
         for ref in handle.loadable:
             assert slot_bytes(self.store, ref.slot) == data_for(ref.key)
             self.lru.move_to_end(ref.key)
@@ -172,7 +164,7 @@ class WithSSD(RuleBasedStateMachine):
 
     @rule(query=TOKENS)
     def lookup(self, query):
-        assert self.store.lookup(query).num_tokens == longest_prefix(self.stored, query)
+        assert self.store.lookup(query).num_tokens == stored_prefix(self.stored, query)
 
     @precondition(lambda self: len(self.handles) < 2)
     @rule(query=TOKENS, keep=st.booleans())
