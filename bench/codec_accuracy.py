@@ -82,15 +82,43 @@ def attention(q, k, v, causal=False):
     return (torch.softmax(logits, dim=-1) @ v).transpose(0, 1)
 
 
-def rel_error(layers, method, group=0, causal=False) -> float:
-    """layers: list of (q, k, v). Error summed over layers before the ratio."""
+def exact(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    return x
+
+
+def rel_error(layers, method, group=0, causal=False, v_method=None) -> float:
+    """layers: list of (q, k, v). Error summed over layers before the ratio.
+    v_method: how V is coded, when not as K (e.g. ``exact`` to see K's share)."""
+    v_method = v_method or method
     num = den = 0.0
     for q, k, v in layers:
         exact = attention(q, k, v, causal)
-        approx = attention(q, method(k, group), method(v, group), causal)
+        approx = attention(q, method(k, group), v_method(v, group), causal)
         num += (approx - exact).pow(2).sum().item()
         den += exact.pow(2).sum().item()
     return math.sqrt(num / den)
+
+
+def vector_rel_error(layers, method, which: int) -> float:
+    """||x~ - x|| / ||x|| over every K (which=1) or V (which=2) vector of the layers."""
+    num = den = 0.0
+    for layer in layers:
+        x = layer[which].float()
+        num += (method(layer[which]).float() - x).pow(2).sum().item()
+        den += x.pow(2).sum().item()
+    return math.sqrt(num / den)
+
+
+def breakdown(layers, causal: bool, gaussian_layers) -> dict:
+    """Where a case's error comes from: K alone, V alone, and the per-vector error of
+    the codes themselves, beside int4h's on Gaussian vectors (the 4-bit floor)."""
+    quant = {"int4h": int4h, "int4": int4_naive}
+    return {
+        "k_only": {m: round(rel_error(layers, f, 0, causal, v_method=exact), 5) for m, f in quant.items()},
+        "v_only": {m: round(rel_error(layers, exact, 0, causal, v_method=f), 5) for m, f in quant.items()},
+        "k_vector_rel_error": {m: round(vector_rel_error(layers, f, 1), 5) for m, f in quant.items()}
+        | {"int4h_on_gaussian": round(vector_rel_error(gaussian_layers, int4h, 1), 5)},
+    }
 
 
 def synthetic(outliers: bool, seed: int = 0, tokens: int = 1024, heads: int = 8, d: int = 128):
@@ -119,6 +147,8 @@ def main() -> dict:
         if layers[0][1].shape[-1] > 32:
             result["cases_group32"][name] = {m: round(rel_error(layers, f, 32, causal), 5)
                                              for m, f in METHODS.items() if m != "fp8"}
+    gaussian64 = [tuple(t[:, :, :64] for t in synthetic(False)[0])]  # SmolLM2's head size
+    result["smollm2_breakdown"] = breakdown(cases["smollm2"][0], True, gaussian64)
     lay = KVLayout(1, 8, 128, 16, "bfloat16")
     result["compression_ratio_bf16_d128"] = round(get_codec("raw", lay).layer_bytes / get_codec("int4h", lay).layer_bytes, 3)
     result["int4h_over_int4"] = {c: round(r["int4h"] / r["int4"], 3) for c, r in result["cases"].items()}
@@ -127,6 +157,8 @@ def main() -> dict:
         "groups": "cases: one scale/zero per (token, head) vector (group = head_size); cases_group32: group 32",
         "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 weights), layers 0,6,12,18,24,29, 9 q / 3 kv heads x 64, 220 tokens, causal",
         "minilm": "sentence-transformers/all-MiniLM-L6-v2, layers 0,2,4, 12 heads x 32, 223 tokens; its keys have no outlier channels (max/median channel rms ~1.7), so rotation has nothing to spread",
+        "smollm2_breakdown": "K alone (V exact), V alone (K exact), and ||k~ - k|| / ||k|| per K vector; "
+                             "int4h_on_gaussian is the same codec on N(0,1) keys of head size 64",
         "machine": f"{platform.machine()} CPU, torch {torch.__version__} (reference path)",
     }
     out = ROOT / "results" / "codec_accuracy.json"

@@ -41,7 +41,7 @@ class KVPlugConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = SchedulerHalf(config, geo, self._kv_transfer_config.kv_load_failure_policy)
         else:
-            self.worker = WorkerHalf(config, geo)
+            self.worker = WorkerHalf(config, geo, _tensor_parallel_rank(geo))
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -119,3 +119,11 @@ class KVPlugConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         half = self.scheduler or self.worker
         half.shutdown()
+
+
+def _tensor_parallel_rank(geo) -> int:
+    if geo.tp_size == 1:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()

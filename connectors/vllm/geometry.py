@@ -4,6 +4,14 @@ The worker registers its KV tensors before the scheduler-side connector
 exists (EngineCore builds the executor first), so both halves derive
 everything they must agree on from ``vllm_config`` and ``kv_cache_config``:
 the worker then only checks its real tensors against it.
+
+Tensor parallel: each rank holds its own KV heads, and a stored block holds
+every rank's shard side by side, ``slot = [rank 0 | rank 1 | ...]``, each
+shard that rank's layers in the codec's bytes. One key per block means one
+lookup for all ranks (the scheduler half is one process), a block is visible
+only once every rank has written its shard, and a block is never half a hit.
+The tensor-parallel size is in the fingerprint: a store written with another
+split is another root, a miss, never a wrong load.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ class Geometry:
     codec: Codec
     root: bytes                   # fingerprint: the parent of every first block
     slab_name: str                # the CPU tier's shared-memory file
+    tp_size: int = 1              # tensor-parallel ranks, each with its shard of a stored block
 
     @property
     def block_tokens(self) -> int:
@@ -35,18 +44,23 @@ class Geometry:
         return self.codec.layer_bytes
 
     @property
-    def block_bytes(self) -> int:
+    def shard_bytes(self) -> int:
+        """One rank's part of a stored block: its heads, every layer."""
         return self.codec.block_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """A stored block: every rank's shard."""
+        return self.tp_size * self.codec.block_bytes
 
 
 def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
     parallel = vllm_config.parallel_config
-    world_size = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
-    if world_size != 1:
-        # One slot would have to hold every rank's heads/layers: not built yet.
-        raise ValueError(f"kvplug: tensor/pipeline parallel is not supported yet "
-                         f"(tensor_parallel_size={parallel.tensor_parallel_size}, "
-                         f"pipeline_parallel_size={parallel.pipeline_parallel_size}); expected 1 and 1")
+    if parallel.pipeline_parallel_size != 1:
+        raise ValueError(f"kvplug: pipeline parallel is not supported yet "
+                         f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); expected 1 "
+                         "(tensor parallel is supported)")
+    tp = parallel.tensor_parallel_size
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
         kinds = [type(g.kv_cache_spec).__name__ for g in groups]
@@ -59,11 +73,12 @@ def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
     if dtype is None:
         raise ValueError(f"kvplug: KV cache dtype {spec.dtype} is not supported; expected one of {sorted(DTYPES)} "
                          "(quantized KV caches such as fp8 are not)")
+    # spec.num_kv_heads is already one rank's share of the heads.
     layout = KVLayout(num_layers=len(groups[0].layer_names), num_kv_heads=spec.num_kv_heads,
                       head_size=spec.head_size, block_tokens=spec.block_size, dtype=dtype)
     codec = get_codec(config.codec, layout, config.int4h_group)
     model = vllm_config.model_config
-    root = fingerprint(model.model, layout.describe(), config.codec, rank=0, world_size=world_size,
+    root = fingerprint(model.model, layout.describe(), config.codec, rank=0, world_size=tp,
                        extra={"codec": codec.describe(), "revision": model.revision})
     engine_id = vllm_config.kv_transfer_config.engine_id
-    return Geometry(layout, tuple(groups[0].layer_names), codec, root, f"kvplug-{engine_id}")
+    return Geometry(layout, tuple(groups[0].layer_names), codec, root, f"kvplug-{engine_id}", tp)

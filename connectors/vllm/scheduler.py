@@ -88,7 +88,7 @@ class SchedulerHalf:
         self._saved = Counter()             # workers done per save job / load (tensor parallel: wait for all)
         self._unsaved: set[int] = set()     # save jobs some worker could not write
         self._loaded = Counter()
-        self._world = 1
+        self._world = geo.tp_size  # workers that report each step (tensor parallel ranks)
         self._attached = 0
         if kv_load_failure_policy != "recompute":
             log.warning("kvplug: kv_load_failure_policy=%r fails a request when one of its blocks cannot be "

@@ -28,12 +28,13 @@ log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and 
 
 
 class WorkerHalf:
-    def __init__(self, config: KVPlugConfig, geo: Geometry):
+    def __init__(self, config: KVPlugConfig, geo: Geometry, rank: int = 0):
         if not config.shared_memory:
             raise ValueError("kvplug config: shared_memory=False is not accepted by the vLLM connector; "
                              "expected true (the worker process maps the scheduler's CPU slab)")
         self.config = config
         self.geo = geo
+        self.rank = rank  # tensor-parallel rank: which shard of each slot is ours
         self.stats = KVPlugStats()
         self._layer = {name: i for i, name in enumerate(geo.layer_names)}
         self._views: list[torch.Tensor] = []   # per layer: paged_view [num_blocks, 2, T, H, D]
@@ -63,7 +64,8 @@ class WorkerHalf:
             # written by the pipeline's threads, which run outside it.
             with torch.inference_mode(False):
                 self._slab = CPUTier.attach(self.geo.slab_name, self.geo.block_bytes, self.config.shm_dir)
-                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer)
+                shard = slice(self.rank * self.geo.shard_bytes, (self.rank + 1) * self.geo.shard_bytes)
+                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard])
             self._out.attached = 1
         return self._pipe
 
@@ -76,7 +78,7 @@ class WorkerHalf:
         T = self.geo.block_tokens
         blocks = [(b, s, n) for job in meta.loads for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
         self._load_owner = {b: job.req_id for job in meta.loads for b in job.block_ids}
-        self.stats.add("load_bytes", len(blocks) * self.geo.block_bytes)
+        self.stats.add("load_bytes", len(blocks) * self.geo.shard_bytes)
         if pipe.cuda:
             pipe.start_load(blocks)
             return
@@ -125,7 +127,7 @@ class WorkerHalf:
             self._out.saved[job.job_id] = 1
             if unsaved.intersection(job.block_ids):
                 self._out.unsaved.append(job.job_id)
-        self.stats.add("save_bytes", sum(len(job.block_ids) for job in meta.saves) * self.geo.block_bytes)
+        self.stats.add("save_bytes", sum(len(job.block_ids) for job in meta.saves) * self.geo.shard_bytes)
         for job in meta.loads:
             self._out.loaded[job.req_id] = 1
         for req_id, ids in self._failed.items():

@@ -85,6 +85,9 @@ def main(spec_path: str, out_path: str) -> None:
             "kv_connector": "kvplug", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": spec["kvplug"],
         }
+    tp = spec.get("tensor_parallel_size", 1)
+    if tp > 1:
+        kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     t0 = time.monotonic()
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 2048),
               enable_prefix_caching=spec.get("enable_prefix_caching", False), disable_log_stats=False,

