@@ -39,6 +39,8 @@ import math
 import numpy as np
 import torch
 
+from kvplug.layout import gather_blocks, scatter_blocks
+
 # Constants as fp32 values, shared with the kernels so both round alike.
 INV15 = float(np.float32(1.0 / 15.0))
 FP16_MAX = 65504.0
@@ -148,7 +150,7 @@ def int4h_encode(kv: torch.Tensor, block_ids, out: torch.Tensor, group: int = 0)
     rows, ng = two * t * h, d // group
     _check_out(out, len(ids), int4h_layer_bytes(t, h, d, group))
     for i, j in _chunks(len(ids), rows * d):
-        codes, sbits, zbits = _encode_values(kv.index_select(0, ids[i:j]).float(), group)
+        codes, sbits, zbits = _encode_values(gather_blocks(kv, ids[i:j]).float(), group)
         o = out[i:j]
         o[:, : rows * d // 2].copy_(codes)
         o[:, rows * d // 2 : rows * (d // 2 + 2 * ng)].copy_(sbits.view(torch.uint8))
@@ -163,7 +165,7 @@ def int4h_decode(src: torch.Tensor, kv: torch.Tensor, block_ids, group: int = 0)
     _check_out(src, len(ids), int4h_layer_bytes(t, h, d, group))
     for i, j in _chunks(len(ids), two * t * h * d):
         x = _decode_values(src[i:j].to(kv.device), (two, t, h, d), group)
-        kv.index_copy_(0, ids[i:j], x.to(kv.dtype))
+        scatter_blocks(kv, ids[i:j], x.to(kv.dtype))
 
 
 def raw_gather(kv: torch.Tensor, block_ids, out: torch.Tensor) -> None:
@@ -173,7 +175,7 @@ def raw_gather(kv: torch.Tensor, block_ids, out: torch.Tensor) -> None:
     _check_out(out, len(ids), per_block * kv.element_size())
     ikv = kv.view(_INT_VIEW[kv.element_size()])
     for i, j in _chunks(len(ids), per_block):
-        out[i:j].copy_(ikv.index_select(0, ids[i:j]).reshape(j - i, -1).view(torch.uint8))
+        gather_blocks(ikv, ids[i:j], out[i:j].view(ikv.dtype).view((j - i,) + tuple(kv.shape[1:])))
 
 
 def raw_scatter(src: torch.Tensor, kv: torch.Tensor, block_ids) -> None:
@@ -184,7 +186,7 @@ def raw_scatter(src: torch.Tensor, kv: torch.Tensor, block_ids) -> None:
     ikv = kv.view(_INT_VIEW[kv.element_size()])
     for i, j in _chunks(len(ids), per_block):
         vals = src[i:j].to(kv.device).contiguous().view(ikv.dtype).reshape((j - i,) + tuple(kv.shape[1:]))
-        ikv.index_copy_(0, ids[i:j], vals)
+        scatter_blocks(ikv, ids[i:j], vals)
 
 
 def _check_out(buf: torch.Tensor, n: int, row_bytes: int) -> None:

@@ -79,10 +79,13 @@ class SplitKV:
     """The ``[num_blocks, 2, T, H, D]`` paged view where K and V have different strides.
 
     Not a tensor: it offers what the codec's torch path and the transfers use
-    (index_select / index_copy_ on blocks, view as another dtype, shape)."""
+    (index_select / index_copy_ on blocks, view as another dtype, shape).
+    ``blocks``: the same memory as [num_blocks, elements per block] (each
+    block one dense run), so whole blocks move as plain copies."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor | None = None):
         self.k, self.v = k, v  # each [num_blocks, T, H, D]
+        self.blocks = blocks
         self.shape = torch.Size((k.shape[0], 2, *k.shape[1:]))
         self.dtype, self.device, self.is_cuda = k.dtype, k.device, k.is_cuda
 
@@ -93,7 +96,16 @@ class SplitKV:
         return self.k.element_size()
 
     def view(self, dtype: torch.dtype) -> "SplitKV":
-        return SplitKV(self.k.view(dtype), self.v.view(dtype))
+        blocks = None if self.blocks is None else self.blocks.view(dtype)
+        return SplitKV(self.k.view(dtype), self.v.view(dtype), blocks)
+
+    def over(self, rows: torch.Tensor) -> "SplitKV":
+        """The same view over other memory laid out as ``blocks``: rows [n, elements per block]."""
+        def like(t: torch.Tensor) -> torch.Tensor:
+            return rows.as_strided((rows.shape[0], *t.shape[1:]), (rows.stride(0), *t.stride()[1:]),
+                                   rows.storage_offset() + t.storage_offset() - self.blocks.storage_offset())
+
+        return SplitKV(like(self.k), like(self.v), rows)
 
     def index_select(self, dim: int, ids: torch.Tensor) -> torch.Tensor:
         assert dim == 0
@@ -104,6 +116,81 @@ class SplitKV:
         self.k.index_copy_(0, ids, src[:, 0])
         self.v.index_copy_(0, ids, src[:, 1])
         return self
+
+
+def _dense_blocks(view: torch.Tensor) -> torch.Tensor | None:
+    """view [nb, ...] as [nb, elements per block] over the same memory, when each
+    block's elements fill one dense run (e.g. vLLM's CPU caches); else None."""
+    dims = sorted((st, n) for st, n in zip(view.stride()[1:], view.shape[1:]) if n > 1)
+    run = 1
+    for st, n in dims:
+        if st != run:
+            return None
+        run *= n
+    if view.shape[0] > 1 and view.stride(0) < run:
+        return None
+    return view.as_strided((view.shape[0], run), (view.stride(0), 1))
+
+
+def _runs(ids: list[int]):
+    """(i, j, first id) of each run of consecutive ids."""
+    i = 0
+    for j in range(1, len(ids) + 1):
+        if j == len(ids) or ids[j] != ids[j - 1] + 1:
+            yield i, j, ids[i]
+            i = j
+
+
+def _block_rows(view) -> tuple[torch.Tensor, object] | None:
+    """(blocks [nb, E], over(rows) -> the same view over rows [n, E]) for block-dense views."""
+    if isinstance(view, SplitKV):
+        return (view.blocks, view.over) if view.blocks is not None else None
+    blocks = _dense_blocks(view)
+    if blocks is None:
+        return None
+    return blocks, lambda rows: rows.as_strided((rows.shape[0], *view.shape[1:]), (rows.stride(0), *view.stride()[1:]),
+                                                rows.storage_offset())
+
+
+def gather_blocks(view, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks ``ids`` of a paged view as a contiguous [n, 2, T, H, D] tensor (``out`` if given).
+
+    Block-dense views (CPU caches) copy whole blocks, then reorder once: an
+    index_select through their permuted strides is several times slower."""
+    rows = _block_rows(view) if not view.is_cuda else None
+    if rows is None or len(ids) == 0:
+        got = view.index_select(0, ids)
+        return got if out is None else out.copy_(got)
+    blocks, over = rows
+    staged = torch.empty((len(ids), blocks.shape[1]), dtype=blocks.dtype)
+    for i, j, b in _runs(ids.tolist()):
+        staged[i:j].copy_(blocks[b:b + j - i])
+    src = over(staged)
+    out = torch.empty(src.shape, dtype=src.dtype) if out is None else out
+    if isinstance(src, SplitKV):
+        out[:, 0].copy_(src.k)
+        out[:, 1].copy_(src.v)
+    else:
+        out.copy_(src)
+    return out
+
+
+def scatter_blocks(view, ids: torch.Tensor, values: torch.Tensor) -> None:
+    """Write values [n, 2, T, H, D] into blocks ``ids`` (distinct) of a paged view."""
+    rows = _block_rows(view) if not view.is_cuda else None
+    if rows is None or len(ids) == 0:
+        view.index_copy_(0, ids, values)
+        return
+    blocks, over = rows
+    staged = torch.empty((len(ids), blocks.shape[1]), dtype=blocks.dtype)
+    dst = over(staged)
+    if isinstance(dst, SplitKV):
+        dst.k.copy_(values[:, 0])
+        dst.v.copy_(values[:, 1])
+    else:
+        dst.copy_(values)
+    for i, j, b in _runs(ids.tolist()):
+        blocks[b:b + j - i].copy_(staged[i:j])
 
 
 def copy_tokens(view: torch.Tensor | SplitKV, block_id: int, src: torch.Tensor, n: int) -> None:
@@ -143,7 +230,8 @@ def paged_view(kv: torch.Tensor, layout: KVLayout, cpu_strides: BlockStrides | N
             view = kv.as_strided((nb, 2, T, H, D), (st[0], v[0] - k[0], *k[1:]), base + k[0])
         else:
             view = SplitKV(kv.as_strided((nb, T, H, D), (st[0], *k[1:]), base + k[0]),
-                           kv.as_strided((nb, T, H, D), (st[0], *v[1:]), base + v[0]))
+                           kv.as_strided((nb, T, H, D), (st[0], *v[1:]), base + v[0]),
+                           kv.as_strided((nb, H * T * 2 * D), (st[0], 1), base))
     else:
         raise ValueError(
             f"unrecognised paged KV shape {shape} (strides {st}) for layout "

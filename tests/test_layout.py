@@ -110,3 +110,31 @@ def test_split_view_round_trips_through_both_codecs():
         expect = torch.zeros_like(logical)
         codec.decode(b, expect, ids)
         assert torch.equal(out.index_select(0, torch.arange(4)), expect)
+
+
+@pytest.mark.parametrize("kind", ["cpu_vec", "cpu_plain", "kv_first", "kv_second"])
+def test_gather_and_scatter_blocks_match_index_select_and_copy(kind):
+    # Whole-block copies for block-dense views (CPU caches), index ops otherwise:
+    # the same values either way, for runs of consecutive ids and for scattered ones.
+    from kvplug.layout import BlockStrides, gather_blocks, scatter_blocks
+
+    T, H, D, nb = 5, 3, 4, 9
+    lay = KVLayout(num_layers=1, num_kv_heads=H, head_size=D, block_tokens=T, dtype="float32")
+    n = nb * 2 * T * H * D
+    if kind == "cpu_vec":
+        kv = torch.arange(n, dtype=torch.float32).view(nb, H, T, 2 * D)
+        view = paged_view(kv, lay, BlockStrides(k=(0, 1, 2 * T * D, T), v=(T * D, D, 2 * T * D, 1)))
+    elif kind == "cpu_plain":
+        view = paged_view(torch.arange(n, dtype=torch.float32).view(nb, H, T, 2 * D), lay)
+    elif kind == "kv_first":
+        view = paged_view(torch.arange(n, dtype=torch.float32).view(2, nb, T, H, D), lay)
+    else:
+        view = paged_view(torch.arange(n, dtype=torch.float32).view(nb, 2, T, H, D), lay)
+    expect = view.index_select(0, torch.arange(nb)).clone()  # the logical blocks
+    for ids in ([2, 3, 4, 8], [7, 0, 5], [6]):
+        ids = torch.tensor(ids)
+        assert torch.equal(gather_blocks(view, ids), expect[ids])
+        new = -torch.rand(len(ids), 2, T, H, D)
+        scatter_blocks(view, ids, new)
+        expect[ids] = new
+        assert torch.equal(view.index_select(0, torch.arange(nb)), expect)  # the other blocks untouched
