@@ -44,6 +44,17 @@ def parse_size(value: Any) -> int:
     return n
 
 
+def parse_cpu_list(value: str) -> set[int]:
+    """CPU ids from a list such as "0,2-4" (Linux's cpuset notation)."""
+    cpus: set[int] = set()
+    for part in value.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+            raise ValueError(f"not a CPU list: {value!r}")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
 def _parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -95,6 +106,10 @@ class KVPlugConfig:
     min_hit_tokens: int = 1
     # Store partial tail blocks (token-granular hits).
     store_partial_blocks: bool = True
+    # Where the CPU transfer thread (encode/decode beside the forward pass) runs:
+    # "auto" (the cores the engine left free of compute threads, if any),
+    # "shared" (the compute cores), or a CPU list such as "2,3" or "4-7".
+    transfer_cpus: str = "auto"
 
     _CHOICES = {
         "codec": ("raw", "int4h"),
@@ -116,6 +131,12 @@ class KVPlugConfig:
             raise ConfigError(_message("ssd_bytes", self.ssd_bytes, 'a positive size such as "100GiB"'))
         if self.int4h_group < 0 or (self.int4h_group & (self.int4h_group - 1)):
             raise ConfigError(_message("int4h_group", self.int4h_group, "0 (whole head) or a power of two"))
+        if self.transfer_cpus not in ("auto", "shared"):
+            try:
+                parse_cpu_list(self.transfer_cpus)
+            except ValueError:
+                raise ConfigError(_message("transfer_cpus", self.transfer_cpus,
+                                           '"auto", "shared" or a CPU list such as "2,3" or "4-7"')) from None
         for key, low in (("io_threads", 1), ("write_queue_blocks", 1), ("min_hit_tokens", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(_message(key, getattr(self, key), f"an integer >= {low}"))

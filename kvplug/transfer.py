@@ -39,7 +39,9 @@ whose bytes reach 64 KiB (raw bf16 at 8 heads x 128: 1; int4h: 4).
 
 CPU (views in host memory, vLLM's CPU backend): the same API; one worker thread
 per pipeline decodes from the slab rows and sets a threading.Event per layer;
-it encodes saves too.
+it encodes saves too. ``cpus`` pins that thread (e.g. to a core the engine keeps
+free of compute threads), so that it overlaps the forward pass instead of
+taking turns with it.
 
 Partial blocks (num_tokens < block_tokens) are decoded into a scratch block
 and only their first num_tokens tokens are copied into the paged block: the
@@ -56,6 +58,7 @@ released whatever happens.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,7 +98,7 @@ class _Batch:
 class LayerPipeline:
     def __init__(self, codec, views: Sequence[torch.Tensor], slab: torch.Tensor, *,
                  staging_bytes: int = 64 << 20, transport: str = "auto", layers_per_copy: int = 0,
-                 issue: str = "thread"):
+                 issue: str = "thread", cpus: set[int] | None = None):
         lay = codec.layout
         if len(views) != lay.num_layers:
             raise ValueError(f"LayerPipeline: {len(views)} paged views for a {lay.num_layers}-layer layout")
@@ -145,7 +148,11 @@ class LayerPipeline:
             self._save_worker = ThreadPoolExecutor(1, thread_name_prefix="kvplug-save", initializer=init)
             self._init_cuda()
         else:
-            self._load_worker = self._save_worker = ThreadPoolExecutor(1, thread_name_prefix="kvplug-transfer")
+            def pin():  # off the compute cores, when given others: the forward pass keeps its cores
+                if cpus:
+                    os.sched_setaffinity(0, cpus)
+            self._load_worker = self._save_worker = ThreadPoolExecutor(1, thread_name_prefix="kvplug-transfer",
+                                                                       initializer=pin)
             self._stage = torch.empty((max(self._load_rows, self._save_rows), lb), dtype=torch.uint8)
 
     @property

@@ -75,3 +75,13 @@ def test_yaml_errors_are_clear(tmp_path):
 def test_env_bad_value_names_source():
     with pytest.raises(ConfigError, match="environment"):
         KVPlugConfig.from_env({"KVPLUG_SSD_BYTES": "huge"})
+
+
+def test_transfer_cpus_accepts_auto_shared_and_cpu_lists():
+    from kvplug.config import parse_cpu_list
+
+    assert KVPlugConfig.from_dict({"transfer_cpus": "shared"}).transfer_cpus == "shared"
+    assert parse_cpu_list(KVPlugConfig.from_dict({"transfer_cpus": "1,4-6"}).transfer_cpus) == {1, 4, 5, 6}
+    for bad in ("fast", "3-1", "1,,2", "-2"):
+        with pytest.raises(ConfigError, match="transfer_cpus"):
+            KVPlugConfig.from_dict({"transfer_cpus": bad})

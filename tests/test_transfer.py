@@ -356,3 +356,23 @@ def test_cuda_decode_failure_reported(transport):
             pipe.wait_layer(layer)
         assert pipe.finish_load() == [2, 3]
         pipe.close()
+
+
+def test_cpu_transfer_thread_runs_on_the_cores_it_is_given():
+    import os
+
+    lay = KVLayout(2, 2, 8, 4, "bfloat16")
+    codec = get_codec("raw", lay)
+    _, views = make_views("nb_2", lay, 4)
+    core = min(os.sched_getaffinity(0))
+    with slab_for(codec, 4) as slab:
+        pipe = LayerPipeline(codec, views, slab.buffer, cpus={core})
+        try:
+            assert pipe._load_worker.submit(os.sched_getaffinity, 0).result() == {core}
+        finally:
+            pipe.close()
+        pipe = LayerPipeline(codec, views, slab.buffer)  # none given: the caller's cores
+        try:
+            assert pipe._load_worker.submit(os.sched_getaffinity, 0).result() == os.sched_getaffinity(0)
+        finally:
+            pipe.close()

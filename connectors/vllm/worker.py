@@ -11,10 +11,11 @@ vLLM, which recomputes it; a failed save to the scheduler half, which drops it.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
-from kvplug.config import KVPlugConfig
+from kvplug.config import KVPlugConfig, parse_cpu_list
 from kvplug.layout import paged_view
 from kvplug.tiers.cpu import CPUTier
 from kvplug.transfer import LayerPipeline
@@ -65,7 +66,8 @@ class WorkerHalf:
             with torch.inference_mode(False):
                 self._slab = CPUTier.attach(self.geo.slab_name, self.geo.block_bytes, self.config.shm_dir)
                 shard = slice(self.rank * self.geo.shard_bytes, (self.rank + 1) * self.geo.shard_bytes)
-                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard])
+                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard],
+                                           cpus=transfer_cpus(self.config.transfer_cpus, self.geo.tp_size))
             self._out.attached = 1
         return self._pipe
 
@@ -157,3 +159,24 @@ class WorkerHalf:
         if self._slab is not None:
             self._slab.close()
         self._pipe = self._slab = None
+
+
+def transfer_cpus(setting: str, tp_size: int) -> set[int] | None:
+    """The cores for the CPU transfer thread; None leaves it on the compute cores.
+
+    "auto": vLLM's CPU worker binds its compute threads to its own cores and
+    reserves others (one more per rank when a KV connector is configured) for
+    work besides the forward pass: take the cores the engine process may use
+    less this worker's. With several ranks the others' compute cores are not
+    known here, so the thread stays on this rank's cores."""
+    if setting == "shared":
+        return None
+    if setting != "auto":
+        return parse_cpu_list(setting)
+    if tp_size > 1:
+        return None
+    try:
+        spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
+    except OSError:  # no such parent, or no permission: leave the thread where it is
+        return None
+    return spare or None
