@@ -31,26 +31,42 @@ xxh3_128_digest = xxhash.xxh3_128_digest
 
 
 class _Children:
-    """The children of one parent: keys, and their tokens as padded matrix rows."""
+    """The children of one parent: keys, and their tokens as padded matrix rows.
+
+    Most parents have one child (a chain of full blocks): its tokens are kept
+    as they are, and the matrix is made when a second child arrives."""
 
     def __init__(self, block_tokens: int):
+        self.block_tokens = block_tokens
         self.keys: list[bytes] = []
         self.row: dict[bytes, int] = {}
-        self.tokens = np.zeros((4, block_tokens), dtype=np.int64)
-        self.lengths = np.zeros(4, dtype=np.int64)
+        self.only: np.ndarray | None = None    # the tokens of the one child, until there are two
+        self.tokens: np.ndarray | None = None  # [capacity, block_tokens], from the second child on
+        self.lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def add(self, key: bytes, tokens: np.ndarray) -> None:
         n = len(self.keys)
-        if n == len(self.lengths):  # grow by doubling: amortised O(1)
-            self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
-            self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
-        self.tokens[n, : len(tokens)] = tokens
-        self.lengths[n] = len(tokens)
+        if n == 0 and self.tokens is None:
+            self.only = tokens.copy()
+        else:
+            if self.tokens is None:
+                self.tokens = np.zeros((4, self.block_tokens), dtype=np.int64)
+                self.lengths = np.zeros(4, dtype=np.int64)
+                self._set(0, self.only)
+                self.only = None
+            elif n == len(self.lengths):  # grow by doubling: amortised O(1)
+                self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens)])
+                self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
+            self._set(n, tokens)
         self.keys.append(key)
         self.row[key] = n
+
+    def _set(self, i: int, tokens: np.ndarray) -> None:
+        self.tokens[i, : len(tokens)] = tokens
+        self.lengths[i] = len(tokens)
 
     def discard(self, key: bytes) -> None:
         # Move the last row into the hole: O(1), rows stay dense.
@@ -63,13 +79,21 @@ class _Children:
 
     def get(self, key: bytes) -> np.ndarray:
         i = self.row[key]
+        if self.tokens is None:
+            return self.only.copy()
         return self.tokens[i, : self.lengths[i]].copy()
 
     def best(self, query: np.ndarray) -> tuple[bytes | None, int]:
         """The child sharing the longest token prefix with ``query``, and that length."""
-        n, m = len(self.keys), min(len(query), self.tokens.shape[1])
-        if n == 0 or m == 0:
+        n = len(self.keys)
+        if n == 0 or len(query) == 0:
             return None, 0
+        if self.tokens is None:
+            m = min(len(query), len(self.only))
+            equal = self.only[:m] == query[:m]
+            lcp = m if equal.all() else int(equal.argmin())
+            return (self.keys[0], lcp) if lcp > 0 else (None, 0)
+        m = min(len(query), self.tokens.shape[1])
         equal = self.tokens[:n, :m] == query[:m]
         # Length of the run of leading matches: argmin finds the first mismatch.
         lcp = np.where(equal.all(axis=1), m, equal.argmin(axis=1))
@@ -103,7 +127,10 @@ class PrefixIndex:
         if not 0 < len(tokens) <= self.block_tokens:
             raise ValueError(f"a block holds 1..{self.block_tokens} tokens, got {len(tokens)}")
         self._parent[key] = parent
-        self._children.setdefault(parent, _Children(self.block_tokens)).add(key, tokens)
+        children = self._children.get(parent)
+        if children is None:
+            children = self._children[parent] = _Children(self.block_tokens)
+        children.add(key, tokens)
         return True
 
     def remove(self, key: bytes) -> bool:

@@ -56,6 +56,7 @@ class _Resident:
     pins: int = 0
     visible: bool = False   # stored (complete_store) or promoted: its bytes are valid
     evicted: bool = False   # out of the policy: the slot goes back at the last unpin
+    ref: BlockRef | None = None  # its full-block CPU ref, made once: lookups hand out thousands a second
 
 
 class TieredStore:
@@ -107,16 +108,30 @@ class TieredStore:
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> Hit:
         """The longest stored prefix of ``tokens``, block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
+        bt, refs, hit_tokens, first_ssd = self.block_tokens, [], 0, -1
         with self._lock:
-            resident, refs = self._resident, []
+            resident = self._resident
             for key, n in self._index.match(tokens):
                 block = resident.get(key)
-                refs.append(BlockRef(key, n, "cpu", block.slot) if block is not None and block.visible
-                            else BlockRef(key, n, "ssd", None))
-        for i, ref in enumerate(refs):  # the SSD tier evicts on its own: check before promising
-            if ref.tier == "ssd" and not self.ssd.contains(ref.key):
+                if block is not None and block.visible:
+                    ref = block.ref
+                    if ref is None or n != bt:
+                        ref = BlockRef(key, n, "cpu", block.slot)
+                        if n == bt:
+                            block.ref = ref
+                else:
+                    ref = BlockRef(key, n, "ssd", None)
+                    first_ssd = len(refs) if first_ssd < 0 else first_ssd
+                refs.append(ref)
+                hit_tokens += n
+            if first_ssd < 0:
+                hit = Hit(hit_tokens, refs)
+                self._count_lookup(len(tokens), hit)
+                return hit
+        for i in range(first_ssd, len(refs)):  # the SSD tier evicts on its own: check before promising
+            if refs[i].tier == "ssd" and not self.ssd.contains(refs[i].key):
                 with self._lock:
-                    self._forget_ssd_copy(ref.key)
+                    self._forget_ssd_copy(refs[i].key)
                 refs = refs[:i]
                 break
         hit = Hit(sum(r.num_tokens for r in refs), refs)
