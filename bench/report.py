@@ -102,6 +102,20 @@ def codec() -> list[str]:
                 "rotation has spread what it can, and what is left is 4-bit rounding. "
                 f"Naive INT4 is only {kv['int4'] / kv['int4h']:.2f}x worse per vector on these keys "
                 "(channel outliers 4-10x, not 10-50x), so int4h / INT4 cannot reach 0.5 on them."]
+    q = d.get("qwen25coder_per_layer")
+    if q:
+        worst = max(q, key=lambda n: q[n]["int4h"])
+        out += ["", f"Qwen2.5-Coder's key biases (channel outliers of 20-100x, constant over tokens) defeat "
+                f"per-vector 4-bit codes, rotated or not: in layer {worst} the attention output is off by "
+                f"{q[worst]['int4h']:.2f} (int4h) and {q[worst]['int4']:.2f} (naive INT4) of its norm, against "
+                f"{q[worst]['fp8']:.2f} for fp8. Use `raw` for such models."]
+        x = d.get("exploration_block_key_offset")
+        if x:
+            out[-1] += (f" An exploration, not shipped: subtracting each block's per-channel key mean (kept in fp16) "
+                        f"before int4h brings the whole case to {x['qwen25coder']:.3f} "
+                        f"({x['qwen25coder'] / d['cases']['qwen25coder']['int4']:.2f}x naive INT4) and SmolLM2 to "
+                        f"{x['smollm2']:.3f} ({x['smollm2'] / d['cases']['smollm2']['int4']:.2f}x), for 2 bytes "
+                        "per channel per block and head.")
     return out + [""]
 
 
