@@ -108,10 +108,10 @@ def rel_error(layers, method, group=0, causal=False, v_method=None) -> float:
     v_method = v_method or method
     num = den = 0.0
     for q, k, v in layers:
-        exact = attention(q, k, v, causal)
+        ref_out = attention(q, k, v, causal)
         approx = attention(q, method(k, group), v_method(v, group), causal)
-        num += (approx - exact).pow(2).sum().item()
-        den += exact.pow(2).sum().item()
+        num += (approx - ref_out).pow(2).sum().item()
+        den += ref_out.pow(2).sum().item()
     return math.sqrt(num / den)
 
 

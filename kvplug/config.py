@@ -44,6 +44,9 @@ def parse_size(value: Any) -> int:
     return n
 
 
+MAX_CPUS = 8192  # Linux's largest NR_CPUS
+
+
 def parse_cpu_list(value: str) -> set[int]:
     """CPU ids from a list such as "0,2-4" (Linux's cpuset notation)."""
     cpus: set[int] = set()
@@ -51,6 +54,8 @@ def parse_cpu_list(value: str) -> set[int]:
         lo, _, hi = part.strip().partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
             raise ValueError(f"not a CPU list: {value!r}")
+        if int(hi or lo) >= MAX_CPUS:
+            raise ValueError(f"CPU ids must be below {MAX_CPUS}: {value!r}")
         cpus.update(range(int(lo), int(hi or lo) + 1))
     return cpus
 
@@ -214,6 +219,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
                 value = _parse_int(value)
             elif kind == "optional_str":
                 value = None if value in (None, "", "none", "None") else str(os.path.expanduser(str(value)))
+            elif key == "transfer_cpus" and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)  # YAML reads `transfer_cpus: 3` as a number
             elif not isinstance(value, str):
                 raise ValueError("not a string")
         except ValueError:

@@ -152,6 +152,16 @@ def _block_rows(view) -> tuple[torch.Tensor, object] | None:
                                                 rows.storage_offset())
 
 
+def _check_ids(view, ids: torch.Tensor, n: int | None, what: str) -> list[int]:
+    # The copies below broadcast: a bad id or size must raise here, not repeat a block.
+    listed = ids.tolist()
+    if listed and (min(listed) < 0 or max(listed) >= view.shape[0]):
+        raise IndexError(f"block ids must lie in [0, {view.shape[0]}), got {min(listed)}..{max(listed)}")
+    if n is not None and n != len(listed):
+        raise ValueError(f"{what} holds {n} blocks for {len(listed)} block ids")
+    return listed
+
+
 def gather_blocks(view, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks ``ids`` of a paged view as a contiguous [n, 2, T, H, D] tensor (``out`` if given).
 
@@ -161,9 +171,10 @@ def gather_blocks(view, ids: torch.Tensor, out: torch.Tensor | None = None) -> t
     if rows is None or len(ids) == 0:
         got = view.index_select(0, ids)
         return got if out is None else out.copy_(got)
+    listed = _check_ids(view, ids, None if out is None else out.shape[0], "out")
     blocks, over = rows
     staged = torch.empty((len(ids), blocks.shape[1]), dtype=blocks.dtype)
-    for i, j, b in _runs(ids.tolist()):
+    for i, j, b in _runs(listed):
         staged[i:j].copy_(blocks[b:b + j - i])
     src = over(staged)
     out = torch.empty(src.shape, dtype=src.dtype) if out is None else out
@@ -181,6 +192,7 @@ def scatter_blocks(view, ids: torch.Tensor, values: torch.Tensor) -> None:
     if rows is None or len(ids) == 0:
         view.index_copy_(0, ids, values)
         return
+    listed = _check_ids(view, ids, values.shape[0], "values")
     blocks, over = rows
     staged = torch.empty((len(ids), blocks.shape[1]), dtype=blocks.dtype)
     dst = over(staged)
@@ -189,7 +201,7 @@ def scatter_blocks(view, ids: torch.Tensor, values: torch.Tensor) -> None:
         dst.v.copy_(values[:, 1])
     else:
         dst.copy_(values)
-    for i, j, b in _runs(ids.tolist()):
+    for i, j, b in _runs(listed):
         blocks[b:b + j - i].copy_(staged[i:j])
 
 

@@ -150,7 +150,11 @@ class LayerPipeline:
         else:
             def pin():  # off the compute cores, when given others: the forward pass keeps its cores
                 if cpus:
-                    os.sched_setaffinity(0, cpus)
+                    try:
+                        os.sched_setaffinity(0, cpus)
+                    except OSError as e:  # a failing initializer would break the pool: run unpinned
+                        log.warning("kvplug transfer: cannot pin the transfer thread to CPUs %s (%s); "
+                                    "it runs where the caller does", sorted(cpus), e)
             self._load_worker = self._save_worker = ThreadPoolExecutor(1, thread_name_prefix="kvplug-transfer",
                                                                        initializer=pin)
             self._stage = torch.empty((max(self._load_rows, self._save_rows), lb), dtype=torch.uint8)

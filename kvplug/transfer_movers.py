@@ -126,7 +126,7 @@ class _UVA(_Mover):
     def __init__(self, pipe):
         super().__init__(pipe)
         if not self.slab.is_contiguous():
-            raise ValueError("LayerPipeline: transport='uva' needs a contiguous slab")
+            raise ValueError("LayerPipeline: transport='uva' needs a contiguous slab (a tensor-parallel rank's shard of the slab is strided: use transport='auto')")
         self.item = next(e for e in (8, 4, 2, 1)
                          if self.lb % e == 0 and self.stride % e == 0 and self.slab.data_ptr() % e == 0)
         ptr = cudart().device_pointer(self.slab.data_ptr())

@@ -85,3 +85,11 @@ def test_transfer_cpus_accepts_auto_shared_and_cpu_lists():
     for bad in ("fast", "3-1", "1,,2", "-2"):
         with pytest.raises(ConfigError, match="transfer_cpus"):
             KVPlugConfig.from_dict({"transfer_cpus": bad})
+
+
+def test_transfer_cpus_from_yaml_as_a_number_and_bounded(tmp_path):
+    path = tmp_path / "kvplug.yaml"
+    path.write_text("transfer_cpus: 3\n")
+    assert KVPlugConfig.from_yaml(path).transfer_cpus == "3"
+    with pytest.raises(ConfigError, match="transfer_cpus"):
+        KVPlugConfig.from_dict({"transfer_cpus": "0-1000000000"})

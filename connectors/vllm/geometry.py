@@ -56,10 +56,14 @@ class Geometry:
 
 def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size != 1:
-        raise ValueError(f"kvplug: pipeline parallel is not supported yet "
-                         f"(pipeline_parallel_size={parallel.pipeline_parallel_size}); expected 1 "
-                         "(tensor parallel is supported)")
+    for name in ("pipeline_parallel_size", "decode_context_parallel_size", "prefill_context_parallel_size"):
+        # Pipeline parallel splits layers, context parallel a block's tokens, across ranks.
+        if getattr(parallel, name, 1) != 1:
+            raise ValueError(f"kvplug: {name}={getattr(parallel, name)} is not supported yet; expected 1 "
+                             "(tensor parallel is supported)")
+    if getattr(parallel, "nnodes", 1) != 1:
+        raise ValueError(f"kvplug: an engine over {parallel.nnodes} nodes is not supported yet; expected 1 "
+                         "(every rank maps the CPU tier's slab from one node's shared memory)")
     tp = parallel.tensor_parallel_size
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:

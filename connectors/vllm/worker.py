@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from kvplug.config import KVPlugConfig, parse_cpu_list
+from kvplug.config import ConfigError, KVPlugConfig, parse_cpu_list
 from kvplug.layout import paged_view
 from kvplug.tiers.cpu import CPUTier
 from kvplug.transfer import LayerPipeline
@@ -164,19 +164,38 @@ class WorkerHalf:
 def transfer_cpus(setting: str, tp_size: int) -> set[int] | None:
     """The cores for the CPU transfer thread; None leaves it on the compute cores.
 
-    "auto": vLLM's CPU worker binds its compute threads to its own cores and
-    reserves others (one more per rank when a KV connector is configured) for
-    work besides the forward pass: take the cores the engine process may use
-    less this worker's. With several ranks the others' compute cores are not
-    known here, so the thread stays on this rank's cores."""
+    "auto": vLLM's CPU worker binds each of its compute threads to a core of
+    its own and reserves other cores (one more per rank when a KV connector is
+    configured) for work besides the forward pass: take the cores the engine
+    process may use that no compute thread of this worker is bound to. With
+    several ranks the others' compute cores are not known here, so the thread
+    stays on this rank's cores. A list is kept to the cores this process may use."""
     if setting == "shared":
         return None
-    if setting != "auto":
-        return parse_cpu_list(setting)
-    if tp_size > 1:
-        return None
     try:
-        spare = os.sched_getaffinity(os.getppid()) - os.sched_getaffinity(0)
+        allowed = os.sched_getaffinity(os.getppid())
     except OSError:  # no such parent, or no permission: leave the thread where it is
         return None
-    return spare or None
+    if setting != "auto":
+        cpus = parse_cpu_list(setting) & (allowed | os.sched_getaffinity(0))
+        if not cpus:
+            raise ConfigError(f"kvplug config: transfer_cpus={setting!r} names no CPU this engine may run on; "
+                              f"expected some of {sorted(allowed)}, \"auto\" or \"shared\"")
+        return cpus
+    if tp_size > 1:
+        return None
+    spare = allowed - _bound_cores(allowed)
+    return spare if spare and spare != allowed else None
+
+
+def _bound_cores(allowed: set[int]) -> set[int]:
+    """The cores this process's threads are bound to (threads that may run anywhere are not bound)."""
+    bound: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            mask = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended meanwhile
+            continue
+        if mask < allowed:
+            bound |= mask
+    return bound

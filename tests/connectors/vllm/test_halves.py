@@ -334,8 +334,9 @@ def test_worker_rejects_caches_of_another_shape(tmp_path):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_int4h_blocks_come_back_close(tmp_path, device):
-    e = Engine(tmp_path, device=device, codec="int4h")
+@pytest.mark.parametrize("tp", [1, 2])
+def test_int4h_blocks_come_back_close(tmp_path, device, tp):
+    e = Engine(tmp_path, device=device, codec="int4h", tp=tp)
     tokens = list(range(700, 740))
     a = e.request("a", tokens)
     e.schedule(a)
@@ -343,8 +344,9 @@ def test_int4h_blocks_come_back_close(tmp_path, device):
     b = e.request("b", tokens)
     assert e.schedule(b) == 32  # the full blocks (no finish, so no tail)
     e.step({b: 8})
-    for pos in range(32):
-        for name in NAMES:
-            want, got = e.kv_of(a, pos, name).float(), e.kv_of(b, pos, name).float()
-            assert (got - want).norm() <= 0.15 * want.norm()
+    for rank in range(tp):
+        for pos in range(32):
+            for name in NAMES:
+                want, got = e.kv_of(a, pos, name, rank).float(), e.kv_of(b, pos, name, rank).float()
+                assert (got - want).norm() <= 0.15 * want.norm()
     e.close()
