@@ -66,8 +66,10 @@ class WorkerHalf:
             with torch.inference_mode(False):
                 self._slab = CPUTier.attach(self.geo.slab_name, self.geo.block_bytes, self.config.shm_dir)
                 shard = slice(self.rank * self.geo.shard_bytes, (self.rank + 1) * self.geo.shard_bytes)
-                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard],
-                                           cpus=transfer_cpus(self.config.transfer_cpus, self.geo.tp_size))
+                cpus = transfer_cpus(self.config.transfer_cpus, self.geo.tp_size) if self._views[0].device.type == "cpu" else None
+                if cpus:
+                    log.info("kvplug: transfer thread on CPUs %s (transfer_cpus=%s)", sorted(cpus), self.config.transfer_cpus)
+                self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard], cpus=cpus)
             self._out.attached = 1
         return self._pipe
 
