@@ -59,7 +59,14 @@ if os.environ.get(FAULT_FLAG):  # in vLLM's spawned processes
 
 
 def _counters(llm) -> dict[str, float]:
-    return {m.name.split("kvplug_", 1)[1]: m.value for m in llm.get_metrics() if "kvplug_" in m.name}
+    """kvplug's counters, and vLLM's preemption count."""
+    out = {}
+    for m in llm.get_metrics():
+        if "kvplug_" in m.name:
+            out[m.name.split("kvplug_", 1)[1]] = m.value
+        elif m.name == "vllm:num_preemptions":
+            out["vllm_preemptions"] = m.value
+    return out
 
 
 def _drain(llm) -> None:
@@ -85,6 +92,8 @@ def main(spec_path: str, out_path: str) -> None:
             "kv_connector": "kvplug", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": spec["kvplug"],
         }
+    if spec.get("num_kv_blocks"):  # a small KV cache, so that vLLM preempts requests
+        kwargs["num_gpu_blocks_override"] = spec["num_kv_blocks"]
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:
         kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
