@@ -43,6 +43,7 @@ from kvplug.eviction import make_policy
 from kvplug.index import PrefixIndex
 from kvplug.keys import tokens_array
 from kvplug.layout import KVLayout
+from kvplug.store_counters import StoreCounters
 from kvplug.tiers.base import BackingTier
 from kvplug.tiers.cpu import CPUTier
 
@@ -90,7 +91,7 @@ class TieredStore:
         self._on_ssd: set[bytes] = set()
         self._writing: set[bytes] = set()                 # SSD writes queued or in flight
         self._reading: dict[bytes, list[tuple[LoadHandle, int]]] = {}  # promotions: waiting handles
-        self._stats: Counter[str] = Counter()
+        self._stats = StoreCounters(self.block_tokens, ssd=self.ssd is not None)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)      # SSD transfers finished
         self._closed = False
@@ -126,7 +127,7 @@ class TieredStore:
                 hit_tokens += n
             if first_ssd < 0:
                 hit = Hit(hit_tokens, refs)
-                self._count_lookup(len(tokens), hit)
+                self._stats.count_lookup(len(tokens), hit)
                 return hit
         for i in range(first_ssd, len(refs)):  # the SSD tier evicts on its own: check before promising
             if refs[i].tier == "ssd" and not self.ssd.contains(refs[i].key):
@@ -136,30 +137,8 @@ class TieredStore:
                 break
         hit = Hit(sum(r.num_tokens for r in refs), refs)
         with self._lock:
-            self._count_lookup(len(tokens), hit)
+            self._stats.count_lookup(len(tokens), hit)
         return hit
-
-    def _count_lookup(self, num_tokens: int, hit: Hit) -> None:
-        """Per-tier hit and miss counters; the caller holds the lock."""
-        blocks = -(-num_tokens // self.block_tokens)
-        cpu_blocks = cpu_tokens = 0
-        for ref in hit.blocks:
-            if ref.tier == "cpu":
-                cpu_blocks += 1
-                cpu_tokens += ref.num_tokens
-        st = self._stats
-        st["lookups"] += 1
-        st["lookup_tokens"] += num_tokens
-        st["hit_tokens"] += hit.num_tokens
-        st["cpu_hit_blocks"] += cpu_blocks
-        st["cpu_hit_tokens"] += cpu_tokens
-        st["cpu_miss_blocks"] += blocks - cpu_blocks
-        st["cpu_miss_tokens"] += num_tokens - cpu_tokens
-        if self.ssd is not None:  # the SSD tier sees what the CPU tier missed
-            st["ssd_hit_blocks"] += len(hit.blocks) - cpu_blocks
-            st["ssd_hit_tokens"] += hit.num_tokens - cpu_tokens
-            st["ssd_miss_blocks"] += blocks - len(hit.blocks)
-            st["ssd_miss_tokens"] += num_tokens - hit.num_tokens
 
     # -- store ------------------------------------------------------------------
 
@@ -393,22 +372,13 @@ class TieredStore:
         plus each tier's own figures) and "store" (lookups, evictions, SSD
         write-backs queued/done/failed/dropped, promotions, ...)."""
         with self._lock:
-            s = Counter(self._stats)
+            counts = Counter(self._stats)
             cpu_blocks = sum(b.visible for b in self._resident.values())
             pinned = sum(b.pins > 0 for b in self._resident.values())
             writing = len(self._writing)
-        out = {
-            "cpu": {**self.cpu.stats(), **_hits(s, "cpu"), "blocks": cpu_blocks,
-                    "bytes": cpu_blocks * self.block_bytes, "pinned_blocks": pinned},
-            "store": {k: s[k] for k in (
-                "lookups", "lookup_tokens", "hit_tokens", "stored_blocks", "store_skipped_existing",
-                "store_no_slot", "evictions", "writes_queued", "writes_done", "writes_failed",
-                "writes_dropped", "loads", "load_misses", "promotions", "promotion_failures")},
-        }
-        out["store"]["writes_in_flight"] = writing
-        if self.ssd is not None:
-            out["ssd"] = {**self.ssd.stats(), **_hits(s, "ssd")}
-        return out
+        return StoreCounters.report(counts, self.cpu.stats(), None if self.ssd is None else self.ssd.stats(),
+                                    cpu_blocks=cpu_blocks, block_bytes=self.block_bytes, pinned=pinned,
+                                    writing=writing)
 
     def flush(self) -> None:
         """Wait until every queued SSD write has finished."""
@@ -445,10 +415,6 @@ def _copy_into(dst: torch.Tensor, data) -> None:
     if src.size != dst.numel():
         raise ValueError(f"a block is {dst.numel()} bytes, got {src.size}")
     np.copyto(dst.numpy(), src)
-
-
-def _hits(counts: Counter, tier: str) -> dict[str, int]:
-    return {k: counts[f"{tier}_{k}"] for k in ("hit_blocks", "hit_tokens", "miss_blocks", "miss_tokens")}
 
 
 def _failed(error: Exception) -> cf.Future:
