@@ -146,23 +146,24 @@ class TieredStore:
         """A reserved CPU slot per entry for the caller to fill; None where the
         key is stored already (copy-on-write: nothing to do) or no slot could
         be freed (everything pinned)."""
-        slots: list[int | None] = []
+        for entry in entries:
+            if not 0 < len(entry.tokens) <= self.block_tokens:
+                raise ValueError(f"a block holds 1..{self.block_tokens} tokens, got {len(entry.tokens)}")
+        slots: list[int | None] = [None] * len(entries)
         jobs: list[Callable[[], None]] = []
         with self._lock:
-            for entry in entries:
-                if not 0 < len(entry.tokens) <= self.block_tokens:
-                    raise ValueError(f"a block holds 1..{self.block_tokens} tokens, got {len(entry.tokens)}")
-                if entry.key in self._index or entry.key in self._resident:
+            index, resident, new = self._index, self._resident, {}
+            for i, entry in enumerate(entries):
+                if entry.key in index or entry.key in resident or entry.key in new:
                     self._stats["store_skipped_existing"] += 1
-                    slots.append(None)
-                    continue
-                slot = self._take_slot(jobs)
-                if slot is None:
-                    self._stats["store_no_slot"] += 1
                 else:
-                    self._resident[entry.key] = _Resident(slot)
-                    self._storing[entry.key] = entry
-                slots.append(slot)
+                    new[entry.key] = i
+            free = self._take_slots(len(new), jobs)
+            self._stats["store_no_slot"] += len(new) - len(free)
+            for (key, i), slot in zip(new.items(), free):
+                resident[key] = _Resident(slot)
+                self._storing[key] = entries[i]
+                slots[i] = slot
         self._run(jobs)
         return slots
 
@@ -262,18 +263,24 @@ class TieredStore:
     # -- slots, eviction, pins (caller holds the lock) ---------------------------
 
     def _take_slot(self, jobs: list) -> int | None:
-        """A free CPU slot, evicting one unpinned block by policy if none is.
+        slots = self._take_slots(1, jobs)
+        return slots[0] if slots else None
+
+    def _take_slots(self, n: int, jobs: list) -> list[int]:
+        """Up to n free CPU slots, evicting as many unpinned blocks by policy as are missing.
 
         A victim not on SSD yet holds its slot until written back: that slot
-        comes too late for this caller (who never waits) and goes to the next
+        comes too late for this caller (who never waits) and goes to a later
         one. Evicting no more than asked keeps hot blocks in the CPU tier.
         """
-        slot = self.cpu.allocate()
-        if slot is None:
-            victims = self._policy.evict(1, self._is_pinned)
-            if victims and self._evict(victims[0], jobs):
-                slot = self.cpu.allocate()
-        return slot
+        allocate, slots = self.cpu.allocate, []
+        while len(slots) < n and (slot := allocate()) is not None:
+            slots.append(slot)
+        if len(slots) < n:
+            for key in self._policy.evict(n - len(slots), self._is_pinned):
+                if self._evict(key, jobs) and (slot := allocate()) is not None:
+                    slots.append(slot)
+        return slots
 
     def _is_pinned(self, key: bytes) -> bool:
         return self._resident[key].pins > 0

@@ -451,3 +451,13 @@ def test_threads_store_and_load_concurrently(tmp_path):
         t.join()
     assert not errors
     store.close()
+
+
+def test_prepare_store_takes_all_of_a_batch_or_none_of_it(store):
+    good = StoreEntry.of(store.root, [1, 2, 3, 4])
+    bad = StoreEntry(b"k" * 16, good.key, np.arange(9, dtype=np.int64))  # more tokens than a block holds
+    with pytest.raises(ValueError, match="a block holds 1..4 tokens, got 9"):
+        store.prepare_store([good, bad])
+    # nothing was reserved: the good block is still new, and a batch naming it twice gets one slot
+    slots = store.prepare_store([good, good])
+    assert slots[0] is not None and slots[1] is None
