@@ -75,6 +75,11 @@ def store() -> list[str]:
             f"| {b['ssd_write_gbps']:.2f} / {b['raw_write_gbps']:.2f} = **{b['ssd_write_ratio']:.2f}** "
             f"| {b['ssd_read_gbps']:.2f} / {b['raw_read_gbps']:.2f} = **{b['ssd_read_ratio']:.2f}** |"
         )
+    nf = d.get("noise_floor")
+    if nf:
+        out += ["", f"Noise floor of this machine: a plain copy timed against itself the same way gives "
+                f"{nf['aa_ratio']:.3f} (single rounds {nf['aa_round_ratio_min']:.2f}-{nf['aa_round_ratio_max']:.2f}), "
+                "so ratios within a few hundredths of a target are a tie here."]
     return out + [""]
 
 

@@ -47,13 +47,14 @@ LAYOUTS = {  # layers, KV heads, head size, tokens per block; bf16, K and V
     "small_256KiB": KVLayout(4, 2, 64, 128),  # a small model, long blocks
 }
 ROUND_BYTES = 256 << 20
-ROUNDS = 15
+ROUNDS = 31
 REQUEST_BLOCKS = 32
 IO_THREADS = 4
 RESULTS = Path(os.environ.get("KVPLUG_STORE_BENCH_JSON", Path(__file__).parent / "results" / "store.json"))
 _results: dict[str, dict] = {}
 HEADLINE = "real_2MiB"
 _ssd_dirs: list[Path] = []
+_noise: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,7 +66,9 @@ def _write_results():
         return
     RESULTS.parent.mkdir(exist_ok=True)
     doc = {"machine": _machine(), "method": {
-        "round_bytes": ROUND_BYTES, "rounds": ROUNDS, "statistic": "median round",
+        "round_bytes": ROUND_BYTES, "rounds": ROUNDS,
+        "statistic": "GB/s: median round; *_ratio: median over rounds of the paired ratio (each subject round "
+                     "against the baseline round timed just before it)",
         "io_threads": IO_THREADS, "request_blocks": REQUEST_BLOCKS,
         "gc": "disabled during timed rounds (baseline and subject alike)",
         "torch_threads": 1,
@@ -81,6 +84,8 @@ def _write_results():
     doc["worst_ratios"] = {r: min(e[r] for e in _results.values())
                            for r in ("cpu_get_ratio", "cpu_put_ratio", "ssd_read_ratio", "ssd_write_ratio")}
     doc["block_sizes"] = _results
+    if _noise:
+        doc["noise_floor"] = _noise
     RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -105,7 +110,9 @@ def _record(size: str, **values) -> None:
                             ("cpu_put_gbps", "memcpy_put_gbps", "cpu_put_ratio"),
                             ("ssd_read_gbps", "raw_read_gbps", "ssd_read_ratio"),
                             ("ssd_write_gbps", "raw_write_gbps", "ssd_write_ratio")):
-        if num in entry and den in entry:
+        if ratio in values:
+            entry[ratio] = round(values[ratio], 3)
+        elif num in entry and den in entry:
             entry[ratio] = round(entry[num] / entry[den], 3)
 
 
@@ -129,13 +136,17 @@ class Interleaved:
         self.times.append(time.perf_counter() - t)
         self.prepare()
 
-    def run(self, benchmark, subject, nbytes: int) -> tuple[float, float] | None:
-        """(subject GB/s, baseline GB/s) from median rounds; None when benchmarks are disabled."""
+    def run(self, benchmark, subject, nbytes: int) -> tuple[float, float, float] | None:
+        """(subject GB/s, baseline GB/s) from median rounds, and the median of the paired
+        ratios (each subject round over the baseline round run just before it: the
+        machine's drift between rounds cancels); None when benchmarks are disabled."""
         benchmark.pedantic(subject, setup=self, rounds=ROUNDS, warmup_rounds=1)
         if benchmark.disabled:
             return None
-        self.times = self.times[1:]  # the warm-up round's
-        return (_gbps(nbytes, benchmark.stats.stats.median), _gbps(nbytes, statistics.median(self.times)))
+        subject_times = benchmark.stats.stats.data
+        self.times = self.times[-len(subject_times):]  # drop the warm-up round's
+        paired = statistics.median(b / s for b, s in zip(self.times, subject_times))
+        return (_gbps(nbytes, benchmark.stats.stats.median), _gbps(nbytes, statistics.median(self.times)), paired)
 
 
 # -- CPU tier -------------------------------------------------------------------
@@ -195,7 +206,30 @@ def test_cpu_put(benchmark, size):
         got = Interleaved(memcpy, lambda: todo.__setitem__(slice(None), requests.next_round())).run(
             benchmark, put, n * bb)
     if got:
-        _record(size, cpu_put_gbps=got[0], memcpy_put_gbps=got[1])
+        _record(size, cpu_put_gbps=got[0], memcpy_put_gbps=got[1], cpu_put_ratio=got[2])
+
+
+def test_noise_floor(benchmark):
+    """A plain copy against itself, timed as the CPU ratios are: how far from 1.0
+    a ratio lands on this machine when both sides do the very same work."""
+    store, layout, bb = _store(HEADLINE)
+    n = _blocks(HEADLINE)
+    dst = torch.empty((n, bb), dtype=torch.uint8)
+    dst.fill_(0)
+    store.cpu.buffer.fill_(1)
+
+    def memcpy():
+        for i in range(n):
+            dst[i].copy_(store.cpu.block_view(i))
+
+    with store:
+        baseline = Interleaved(memcpy)
+        got = baseline.run(benchmark, memcpy, n * bb)
+    if got:
+        rounds = sorted(b / s for b, s in zip(baseline.times, benchmark.stats.stats.data))
+        _noise.update(aa_ratio=round(got[2], 3), aa_round_ratio_min=round(rounds[0], 3),
+                      aa_round_ratio_max=round(rounds[-1], 3), block=HEADLINE,
+                      what="memcpy over memcpy, paired by round as the *_ratio figures are")
 
 
 @pytest.mark.parametrize("size", LAYOUTS)
@@ -230,7 +264,7 @@ def test_cpu_get(benchmark, size):
     with store:
         got = Interleaved(memcpy).run(benchmark, get, n * bb)
     if got:
-        _record(size, cpu_get_gbps=got[0], memcpy_gbps=got[1])
+        _record(size, cpu_get_gbps=got[0], memcpy_gbps=got[1], cpu_get_ratio=got[2])
 
 
 # -- SSD tier -------------------------------------------------------------------
@@ -301,7 +335,7 @@ def test_ssd_write(benchmark, size, ssd_dir):
     raw.close()
     tier.close()
     if got:
-        _record(size, ssd_write_gbps=got[0], raw_write_gbps=got[1], ssd_o_direct=tier.o_direct,
+        _record(size, ssd_write_gbps=got[0], raw_write_gbps=got[1], ssd_write_ratio=got[2], ssd_o_direct=tier.o_direct,
                 ssd_write_evictions=evictions)
         _ssd_dirs.append(ssd_dir)
 
@@ -327,7 +361,7 @@ def test_ssd_read(benchmark, size, ssd_dir):
     raw.close()
     tier.close()
     if got:
-        _record(size, ssd_read_gbps=got[0], raw_read_gbps=got[1],
+        _record(size, ssd_read_gbps=got[0], raw_read_gbps=got[1], ssd_read_ratio=got[2],
                 ssd_read_source="O_DIRECT" if tier.o_direct else "buffered, page cache dropped (posix_fadvise)")
         _ssd_dirs.append(ssd_dir)
 
