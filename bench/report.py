@@ -48,6 +48,10 @@ def e2e() -> list[str]:
         f"| **kvplug CPU-tier hit** (vLLM prefix caching off) | **{d['cpu_hit_ttft_s']:.3f}** | **{r['cpu_hit_over_cold']:.3f}** |",
         f"| **kvplug SSD hit, new engine process after a restart** | **{d['ssd_hit_ttft_s']:.3f}** | **{r['ssd_hit_over_cold']:.3f}** |",
         f"| vLLM's own prefix cache (in-engine floor) | {d['apc_hit_ttft_s']:.3f} | {r['apc_hit_over_cold']:.3f} |",
+    ] + ([
+        f"| kvplug CPU-tier hit, transfer thread on the compute core (`transfer_cpus=shared`) "
+        f"| {d['shared_cores_cpu_hit_ttft_s']:.3f} | {d['shared_cores_cpu_hit_ttft_s'] / d['cold_ttft_s']:.3f} |",
+    ] if d.get("shared_cores_cpu_hit_ttft_s") else []) + [
         "",
         f"kvplug's CPU-tier hit over vLLM's own prefix-cache hit: **{r['cpu_hit_over_apc_hit']:.2f}x**. "
         f"Greedy outputs of every hit identical to the cold run: **{d['outputs_identical']}**.",

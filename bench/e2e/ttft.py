@@ -4,7 +4,7 @@
 
 Writes bench/results/e2e_ttft.json. Prompts are a long shared prefix P_r plus
 a short suffix (A_r, B_r, C_r: see harness.py), one prompt per generate()
-call, on the ~85M-parameter bench model (kvplug.tools.tiny_model). Four
+call, on the ~85M-parameter bench model (kvplug.tools.tiny_model). Five
 configurations, each in its own fresh engine process, same thread layout:
 
 1. kvplug_cpu: kvplug on (CPU tier + SSD tier, codec raw), vLLM's prefix
@@ -16,6 +16,8 @@ configurations, each in its own fresh engine process, same thread layout:
    in-engine floor).
 4. vllm_no_apc: no kvplug, prefix cache OFF: B_r and C_r cold; their greedy
    tokens are the reference the hit runs must reproduce.
+5. kvplug_cpu_shared_cores: kvplug_cpu again with transfer_cpus=shared: the
+   transfer thread on the compute core instead of the core vLLM reserves.
 
 TTFT is vLLM's own per-request figure, ``RequestOutput.metrics.first_token_latency``
 (front-end arrival -> first token seen by the front end), the median over rounds.
@@ -42,8 +44,8 @@ TTFT_SOURCE = ("RequestOutput.metrics.first_token_latency: front-end arrival -> 
 TARGETS = {"cpu_hit_over_cold": 0.06, "ssd_hit_over_cold": 0.08}
 
 
-def kvplug_config(ssd_path: Path) -> dict:
-    return {"cpu_bytes": "512MiB", "ssd_path": str(ssd_path), "ssd_bytes": "4GiB", "codec": "raw"}
+def kvplug_config(ssd_path: Path, **extra) -> dict:
+    return {"cpu_bytes": "512MiB", "ssd_path": str(ssd_path), "ssd_bytes": "4GiB", "codec": "raw", **extra}
 
 
 def run_all(args, workdir: Path, log=print) -> dict:
@@ -71,6 +73,11 @@ def run_all(args, workdir: Path, log=print) -> dict:
          [q for r in range(args.rounds) for q in (req("A", r), req("B", r))]),
         ("vllm_no_apc", dict(kvplug=None, prefix_caching=False),
          [q for r in range(args.rounds) for q in (req("B", r), req("C", r))]),
+        # kvplug_cpu again with its transfer thread on the compute core: what the
+        # spare core vLLM reserves for a KV connector buys (transfer_cpus=auto).
+        ("kvplug_cpu_shared_cores",
+         dict(kvplug=kvplug_config(workdir / "ssd-shared", transfer_cpus="shared"), prefix_caching=False),
+         [q for r in range(args.rounds) for q in (req("A", r), req("B", r))]),
     ]
     if args.only:
         plan = [p for p in plan if p[0] in args.only]
@@ -102,6 +109,8 @@ def summarize(args, res: dict) -> dict:
     ssd_hit = median(ttfts("kvplug_ssd_restart", "C"))
     apc_hit = median(ttfts("vllm_apc", "B"))
     no_kv_cold = median(ttfts("vllm_no_apc", "B") + ttfts("vllm_no_apc", "C"))
+    shared_cold = median(ttfts("kvplug_cpu_shared_cores", "A"))
+    shared_hit = median(ttfts("kvplug_cpu_shared_cores", "B"))
 
     # Greedy tokens: every hit run against a cold run of the same prompt.
     checks = {}
@@ -117,6 +126,7 @@ def summarize(args, res: dict) -> dict:
     same("apc_hit_B_vs_cold_no_kvplug", "vllm_apc", "vllm_no_apc", "B")
     same("cpu_hit_B_vs_apc_hit", "kvplug_cpu", "vllm_apc", "B")
     same("cold_A_kvplug_vs_cold_A_no_kvplug", "kvplug_cpu", "vllm_apc", "A")
+    same("cpu_hit_B_shared_cores_vs_cold_no_kvplug", "kvplug_cpu_shared_cores", "vllm_no_apc", "B")
 
     layouts = {name: run.layout for name, run in runs.items()}
     core_layouts = {json.dumps({k: v for k, v in lay.items()}, sort_keys=True) for lay in layouts.values()}
@@ -149,12 +159,15 @@ def summarize(args, res: dict) -> dict:
         "ssd_hit_first_request_ttft_s": r4(ttfts("kvplug_ssd_restart", "C")[0]) if "kvplug_ssd_restart" in get else None,
         "apc_hit_ttft_s": r4(apc_hit),
         "no_kvplug_cold_ttft_s": r4(no_kv_cold),
+        "shared_cores_cold_ttft_s": r4(shared_cold),
+        "shared_cores_cpu_hit_ttft_s": r4(shared_hit),
         "ratios": {
             "cpu_hit_over_cold": ratio(cpu_hit, cold),
             "ssd_hit_over_cold": ratio(ssd_hit, cold),
             "apc_hit_over_cold": ratio(apc_hit, cold),
             "cpu_hit_over_apc_hit": ratio(cpu_hit, apc_hit),
             "cold_kvplug_over_cold_no_kvplug": ratio(cold, no_kv_cold),
+            "cpu_hit_spare_core_over_shared_cores": ratio(cpu_hit, shared_hit),
         },
         "targets": {
             "cpu_hit_over_cold": {"max": TARGETS["cpu_hit_over_cold"],
@@ -170,6 +183,8 @@ def summarize(args, res: dict) -> dict:
             "ssd_hit_ttft_s": "C_r in kvplug_ssd_restart (C_1 is the engine's first request)",
             "apc_hit_ttft_s": "B_r in vllm_apc",
             "no_kvplug_cold_ttft_s": "B_r and C_r in vllm_no_apc",
+            "shared_cores_*": "A_r / B_r in kvplug_cpu_shared_cores: kvplug_cpu with transfer_cpus=shared "
+                              "(the transfer thread on the compute core, not the core vLLM reserves)",
         },
         "hit_tokens_median": {
             "cpu_hit": median(field("kvplug_cpu", "B", "cached_tokens")),
