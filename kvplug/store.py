@@ -62,9 +62,10 @@ class _Resident:
 
 class TieredStore:
     def __init__(self, config: KVPlugConfig, layout: KVLayout, block_bytes: int, fingerprint: bytes,
-                 name: str | None = None, *, ssd: BackingTier | None = None):
+                 name: str | None = None, *, ssd: BackingTier | None = None, events: bool = False):
         """``name``: the shared-memory slab's name (a unique one is made if None);
-        ``ssd``: a ready backing tier instead of the one ``config.ssd_path`` describes."""
+        ``ssd``: a ready backing tier instead of the one ``config.ssd_path`` describes;
+        ``events``: record which blocks enter and leave the CPU tier (``take_events``)."""
         self.config = config
         self.root = fingerprint
         self.block_tokens = layout.block_tokens
@@ -92,6 +93,7 @@ class TieredStore:
         self._writing: set[bytes] = set()                 # SSD writes queued or in flight
         self._reading: dict[bytes, list[tuple[LoadHandle, int]]] = {}  # promotions: waiting handles
         self._stats = StoreCounters(self.block_tokens, ssd=self.ssd is not None)
+        self._events: list[tuple[bool, bytes]] | None = [] if events else None  # (entered?, key)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)      # SSD transfers finished
         self._closed = False
@@ -176,6 +178,8 @@ class TieredStore:
                 if entry is None:
                     continue
                 self._resident[key].visible = True
+                if self._events is not None:
+                    self._events.append((True, key))
                 self._index.insert(key, entry.parent, entry.tokens)
                 self._policy.insert(key)
                 self._stats["stored_blocks"] += 1
@@ -307,6 +311,8 @@ class TieredStore:
     def _release(self, key: bytes) -> None:
         """Give a block's CPU slot back; a block on no tier any more leaves the index."""
         block = self._resident.pop(key)
+        if self._events is not None and block.visible:
+            self._events.append((False, key))
         self._policy.remove(key)
         self.cpu.free(block.slot)
         if key not in self._on_ssd:
@@ -361,6 +367,8 @@ class TieredStore:
             block = self._resident[key]
             if ok:
                 block.visible = True
+                if self._events is not None:
+                    self._events.append((True, key))
                 self._policy.insert(key)
                 self._stats["promotions"] += 1
             else:  # corrupt, foreign, I/O error or evicted by the SSD tier: gone
@@ -386,6 +394,15 @@ class TieredStore:
         return StoreCounters.report(counts, self.cpu.stats(), None if self.ssd is None else self.ssd.stats(),
                                     cpu_blocks=cpu_blocks, block_bytes=self.block_bytes, pinned=pinned,
                                     writing=writing)
+
+    def take_events(self) -> list[tuple[bool, bytes]]:
+        """(True, key) for each block that became readable in the CPU tier since the
+        last call, (False, key) for each that left it, in order (with ``events``)."""
+        with self._lock:
+            if not self._events:
+                return []
+            events, self._events = self._events, []
+        return events
 
     def flush(self) -> None:
         """Wait until every queued SSD write has finished."""

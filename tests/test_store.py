@@ -461,3 +461,17 @@ def test_prepare_store_takes_all_of_a_batch_or_none_of_it(store):
     # nothing was reserved: the good block is still new, and a batch naming it twice gets one slot
     slots = store.prepare_store([good, good])
     assert slots[0] is not None and slots[1] is None
+
+
+def test_events_say_which_blocks_enter_and_leave_the_cpu_tier(tmp_path):
+    config = KVPlugConfig(cpu_bytes=2 * STRIDE, shm_dir=str(tmp_path))
+    with TieredStore(config, LAYOUT, BLOCK, ROOT, events=True) as store:
+        a, b, c = (StoreEntry.of(store.root, [i, i, i, i]) for i in (1, 2, 3))
+        store.prepare_store([a, b])
+        store.complete_store([a.key])
+        store.abort_store([b.key])  # never readable: never announced
+        assert store.take_events() == [(True, a.key)]
+        assert store.take_events() == []
+        store.prepare_store([b, c])  # two slots: a is evicted for them
+        store.complete_store([b.key, c.key])
+        assert store.take_events() == [(False, a.key), (True, b.key), (True, c.key)]

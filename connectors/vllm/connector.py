@@ -39,7 +39,9 @@ class KVPlugConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerHalf | None = None
         self.worker: WorkerHalf | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = SchedulerHalf(config, geo, self._kv_transfer_config.kv_load_failure_policy)
+            events = getattr(vllm_config, "kv_events_config", None)
+            self.scheduler = SchedulerHalf(config, geo, self._kv_transfer_config.kv_load_failure_policy,
+                                           kv_events=bool(events is not None and events.enable_kv_cache_events))
         else:
             self.worker = WorkerHalf(config, geo, _tensor_parallel_rank(geo))
 
@@ -63,6 +65,9 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output) -> None:
         self.scheduler.update_connector_output(connector_output)
+
+    def take_events(self):
+        return self.scheduler.take_events() if self.scheduler is not None else ()
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)

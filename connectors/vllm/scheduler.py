@@ -71,11 +71,16 @@ class _Req:
 
 
 class SchedulerHalf:
-    def __init__(self, config: KVPlugConfig, geo: Geometry, kv_load_failure_policy: str = "recompute"):
+    def __init__(self, config: KVPlugConfig, geo: Geometry, kv_load_failure_policy: str = "recompute",
+                 kv_events: bool = False):
         self.config = config
         self.geo = geo
         self.T = geo.block_tokens
-        self.store = TieredStore(config, geo.layout, geo.block_bytes, geo.root, name=geo.slab_name)
+        self.store = TieredStore(config, geo.layout, geo.block_bytes, geo.root, name=geo.slab_name,
+                                 events=kv_events)
+        # kv_events: vLLM's hash, parent hash, tokens and LoRA of each block this
+        # engine saved, from its save until it leaves the CPU tier.
+        self._announce: dict[bytes, tuple] | None = {} if kv_events else None
         self.stats = KVPlugStats()
         self.policy = LoadPolicy(config.load_policy)
         self._step: tuple[float, int] | None = None  # (start, tokens) of the step in flight: prefill speed
@@ -209,6 +214,8 @@ class SchedulerHalf:
         """Reserve slots for blocks (index in the request, entry); a job for those that need writing."""
         slots = self.store.prepare_store([e for _, e in blocks])
         picked = [(block_ids[i], slot, e.key) for (i, e), slot in zip(blocks, slots) if slot is not None]
+        if self._announce is not None:
+            self._note_hashes(st, blocks, slots)
         self.stats.add("store_skipped_blocks", len(blocks) - len(picked))
         if not picked:
             return None
@@ -262,9 +269,45 @@ class SchedulerHalf:
                     st.poisoned.discard(job_id)
                 self.store.abort_store(keys)
                 self.stats.add("aborted_blocks", len(keys))
+                for key in keys if self._announce is not None else ():
+                    self._announce.pop(key, None)
             else:
                 self.store.complete_store(keys)
                 self.stats.add("stored_blocks", len(keys))
+
+    # -- KV cache events -----------------------------------------------------------
+
+    def _note_hashes(self, st: _Req, blocks: list[tuple[int, StoreEntry]], slots: list[int | None]) -> None:
+        hashes, lora = st.request.block_hashes, st.request.lora_request
+        for (i, entry), slot in zip(blocks, slots):
+            if slot is not None and len(entry.tokens) == self.T and i < len(hashes):  # vLLM hashes full blocks
+                self._announce[entry.key] = (hashes[i], hashes[i - 1] if i else None, entry.tokens, lora)
+
+    def take_events(self) -> list:
+        """BlockStored / BlockRemoved (medium CPU) for the full blocks this engine saved,
+        as they enter and leave kvplug's CPU tier, under vLLM's own block hashes (so a
+        KV-aware router sees them beside vLLM's GPU blocks). Blocks promoted from SSD
+        that this engine did not save (e.g. after a restart) are not announced."""
+        if self._announce is None:
+            return []
+        from vllm.distributed.kv_events import MEDIUM_CPU, BlockRemoved, BlockStored
+        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as ext
+
+        out = []
+        for entered, key in self.store.take_events():
+            info = self._announce.get(key) if entered else self._announce.pop(key, None)
+            if info is None:
+                continue
+            block_hash, parent, tokens, lora = info
+            if entered:
+                out.append(BlockStored(block_hashes=[ext(block_hash)],
+                                       parent_block_hash=None if parent is None else ext(parent),
+                                       token_ids=tokens.tolist(), block_size=self.T,
+                                       lora_id=lora.adapter_id if lora else None, medium=MEDIUM_CPU,
+                                       lora_name=lora.name if lora else None))
+            else:
+                out.append(BlockRemoved(block_hashes=[ext(block_hash)], medium=MEDIUM_CPU))
+        return out
 
     def _on_load_failed(self, req_id: str, block_ids: list[int]) -> None:
         """vLLM recomputes from the first failed block: store those blocks again, and

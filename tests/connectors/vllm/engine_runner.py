@@ -6,6 +6,7 @@ The e2e tests start each engine in its own process with this script (vLLM
 starts its engine in subprocesses and is happiest owning its process). SPEC:
 
     {"model": DIR, "kvplug": null | {kv_connector_extra_config},
+     "kv_events_port": int,   # optional: publish KV cache events there and record them per step
      "steps": [{"name": str, "prompts": [[token ids], ...], "max_tokens": int,
                 "fail_second_block": bool   # optional: the worker cannot read the
                }, ...]}                     # second block of any load
@@ -69,6 +70,40 @@ def _counters(llm) -> dict[str, float]:
     return out
 
 
+class _KVEvents:
+    """Subscribes to the engine's KV cache events (ZMQ) and keeps the ones it hears."""
+
+    def __init__(self, port: int):
+        import threading
+
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import KVEventBatch
+
+        self.events: list[dict] = []
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.connect(f"tcp://127.0.0.1:{port}")
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._decode = msgspec.msgpack.Decoder(type=KVEventBatch).decode
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(50):
+                *_, payload = self._sock.recv_multipart()
+                for ev in self._decode(payload).events:
+                    kind = type(ev).__name__
+                    self.events.append({"type": kind, "medium": getattr(ev, "medium", None),
+                                        "hashes": len(getattr(ev, "block_hashes", []) or []),
+                                        "token_ids": list(getattr(ev, "token_ids", []) or [])})
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _drain(llm) -> None:
     """Take in the outputs of steps the engine ran after generate() returned
     (e.g. saving finished requests' partial tails), so their counts are in."""
@@ -97,11 +132,16 @@ def main(spec_path: str, out_path: str) -> None:
     tp = spec.get("tensor_parallel_size", 1)
     if tp > 1:
         kwargs.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+    if spec.get("kv_events_port"):
+        kwargs["kv_events_config"] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                      "endpoint": f"tcp://*:{spec['kv_events_port']}"}
     t0 = time.monotonic()
     llm = LLM(model=spec["model"], enforce_eager=True, max_model_len=spec.get("max_model_len", 2048),
               enable_prefix_caching=spec.get("enable_prefix_caching", False), disable_log_stats=False,
               seed=0, **kwargs)
     out = {"engine_start_s": time.monotonic() - t0, "steps": {}}
+    listener = _KVEvents(spec["kv_events_port"]) if spec.get("kv_events_port") else None
+    step_start = 0
     for step in spec["steps"]:
         if step.get("fail_second_block"):
             open(flag, "w").close()
@@ -111,6 +151,8 @@ def main(spec_path: str, out_path: str) -> None:
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in step["prompts"]], params, use_tqdm=False)
         elapsed = time.monotonic() - t
         _drain(llm)
+        if listener:
+            time.sleep(0.3)  # the events of the step's last outputs are on their way
         if os.path.exists(flag):
             os.unlink(flag)
         after = _counters(llm)
@@ -124,6 +166,11 @@ def main(spec_path: str, out_path: str) -> None:
             } for r in results],
             "counters": {k: after[k] - before.get(k, 0) for k in after},
         }
+        if listener:
+            out["steps"][step["name"]]["kv_events"] = listener.events[step_start:]
+            step_start = len(listener.events)
+    if listener:
+        listener.close()
     with open(out_path, "w") as f:
         json.dump(out, f)
     if spec.get("linger_s"):  # let SSD write-backs finish before vLLM tears the engine down

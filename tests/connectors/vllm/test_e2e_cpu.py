@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_e2e import P1, P2, P3, SHARED, run_engine, same_output
+from vllm_e2e import BLOCK, P1, P2, P3, SHARED, free_port, run_engine, same_output
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +28,21 @@ STEPS = [
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     return run_engine(tiny_model, tmp_path_factory.mktemp("e2e-cpu"), "cpu", STEPS,
-                      kvplug={"cpu_bytes": "256MiB", "codec": "raw"})
+                      kvplug={"cpu_bytes": "256MiB", "codec": "raw"}, kv_events_port=free_port())
 
 
 def test_cold_run_misses_and_matches_reference(run, reference):
     (out,) = run["steps"]["p1_cold"]["outputs"]
     assert out["cached_tokens"] == 0
     same_output(out, reference["P1"][0])
+
+
+def test_saved_blocks_are_announced_as_kv_events(run):
+    # vLLM publishes kvplug's events beside its own (ZMQ): one BlockStored, medium
+    # CPU, per full block the cold run saved (the partial tail has no vLLM hash).
+    stored = [e for e in run["steps"]["p1_cold"]["kv_events"] if e["type"] == "BlockStored" and e["medium"] == "CPU"]
+    assert [e["token_ids"] for e in stored] == [P1[i * BLOCK:(i + 1) * BLOCK] for i in range(len(P1) // BLOCK)]
+    assert all(e["hashes"] == 1 for e in stored)
 
 
 def test_whole_prompt_restored_from_cpu_tier(run, reference):

@@ -7,6 +7,7 @@ its results go back to the scheduler half.
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import pytest
@@ -33,13 +34,13 @@ class FakeRequest(SimpleNamespace):
 class Engine:
     """Both halves plus a fake paged KV cache and a trivial block allocator."""
 
-    def __init__(self, tmp_path, name="slab", device="cpu", tp=1, **config):
+    def __init__(self, tmp_path, name="slab", device="cpu", tp=1, kv_events=False, **config):
         layout = KVLayout(LAYERS, H, D, T, "bfloat16")  # H: one rank's heads
         cfg = KVPlugConfig.from_dict({"cpu_bytes": "4MiB", "shm_dir": str(tmp_path), **config})
         codec = get_codec(cfg.codec, layout)
         root = fingerprint("m", layout.describe(), cfg.codec, world_size=tp)
         self.geo = Geometry(layout, tuple(NAMES), codec, root, name, tp)
-        self.sched = SchedulerHalf(cfg, self.geo)
+        self.sched = SchedulerHalf(cfg, self.geo, kv_events=kv_events)
         # One worker per tensor-parallel rank, each with its own paged KV,
         # FlashInfer-style (num_blocks, 2, T, H, D): filled with what a forward pass would write.
         self.workers = [WorkerHalf(cfg, self.geo, rank) for rank in range(tp)]
@@ -56,7 +57,7 @@ class Engine:
     def request(self, rid: str, tokens: list[int]):
         req = FakeRequest(request_id=rid, all_token_ids=list(tokens), num_tokens=len(tokens),
                               num_computed_tokens=0, prompt_embeds=None, mm_features=[], lora_request=None,
-                              cache_salt=None)
+                              cache_salt=None, block_hashes=fake_block_hashes(tokens))
         self.blocks[rid] = [self._free.pop(0) for _ in range(-(-len(tokens) // T))]
         return req
 
@@ -113,6 +114,14 @@ class Engine:
         for worker in self.workers:
             worker.shutdown()
         self.sched.shutdown()
+
+
+def fake_block_hashes(tokens: list[int]) -> list[bytes]:
+    """Stand-ins for vLLM's per-request block hashes: one per full block, chained."""
+    out = []
+    for i in range(len(tokens) // T):
+        out.append(hashlib.sha256((out[-1] if out else b"") + repr(tokens[i * T:(i + 1) * T]).encode()).digest())
+    return out
 
 
 def kv_value(prefix: list[int], name: str, rank: int = 0) -> torch.Tensor:
@@ -198,6 +207,40 @@ def test_a_block_is_stored_only_once_every_rank_wrote_its_shard(tmp_path):
         assert e.schedule(e.request("b", list(range(100, 132)) + [9])) == 0
     finally:
         e.close()
+
+
+def test_kv_events_announce_saved_blocks_under_vllms_hashes(tmp_path):
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as ext  # as vLLM publishes its own
+
+    e = Engine(tmp_path, kv_events=True, cpu_bytes="48KiB")  # room for a few blocks only
+    try:
+        tokens = list(range(100, 148))  # 3 full blocks
+        a = e.request("a", tokens)
+        e.schedule(a)
+        e.step({a: 48})
+        events = e.sched.take_events()
+        hashes = [ext(h) for h in a.block_hashes]
+        assert [(type(ev), ev.block_hashes, ev.parent_block_hash, ev.token_ids, ev.medium) for ev in events] == [
+            (BlockStored, [hashes[i]], hashes[i - 1] if i else None, tokens[i * T:(i + 1) * T], "CPU")
+            for i in range(3)]
+        assert e.sched.take_events() == []  # taken once
+        # Other prompts push a's blocks out of the small CPU tier: each is announced gone, once.
+        for k in range(4):
+            b = e.request(f"b{k}", list(range(1000 * (k + 1), 1000 * (k + 1) + 48)))
+            e.schedule(b)
+            e.step({b: 48})
+        removed = [h for ev in e.sched.take_events() if isinstance(ev, BlockRemoved) for h in ev.block_hashes]
+        assert set(hashes) <= set(removed) and len(removed) == len(set(removed))
+    finally:
+        e.close()
+
+
+def test_no_kv_events_unless_asked(engine):
+    a = engine.request("a", list(range(100, 132)))
+    engine.schedule(a)
+    engine.step({a: 32})
+    assert engine.sched.take_events() == [] and engine.sched.store.take_events() == []
 
 
 def test_hit_ends_mid_block_at_the_last_shared_token(engine):

