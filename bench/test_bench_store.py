@@ -280,6 +280,14 @@ def _slab(n: int, bb: int) -> CPUTier:
     return cpu
 
 
+def _ssd_setup(size: str, ssd_dir: Path):
+    """(block bytes, blocks a round, a slab of random bytes, its first n slots, an SSD tier of 2 rounds)."""
+    bb, n = LAYOUTS[size].raw_block_bytes(), _blocks(size)
+    cpu = _slab(n, bb)
+    tier = SSDTier(str(ssd_dir / "tier"), 2 * n * cpu.slot_stride, bb, b"bench-fp-0000000", IO_THREADS)
+    return bb, n, cpu, [cpu.slot_view(i) for i in range(n)], tier
+
+
 class Raw:
     """Sequential positional I/O of block_bytes per block, IO_THREADS in flight."""
 
@@ -313,10 +321,7 @@ def _drop_cache(directory: Path) -> None:
 
 @pytest.mark.parametrize("size", LAYOUTS)
 def test_ssd_write(benchmark, size, ssd_dir):
-    bb, n = LAYOUTS[size].raw_block_bytes(), _blocks(size)
-    cpu = _slab(n, bb)
-    src = [cpu.slot_view(i) for i in range(n)]
-    tier = SSDTier(str(ssd_dir / "tier"), 2 * n * cpu.slot_stride, bb, b"bench-fp-0000000", IO_THREADS)
+    bb, n, cpu, src, tier = _ssd_setup(size, ssd_dir)
     raw = Raw(ssd_dir / "raw", tier.o_direct, src, bb)
     rounds = iter(range(1, 1 << 30))
 
@@ -342,11 +347,8 @@ def test_ssd_write(benchmark, size, ssd_dir):
 
 @pytest.mark.parametrize("size", LAYOUTS)
 def test_ssd_read(benchmark, size, ssd_dir):
-    bb, n = LAYOUTS[size].raw_block_bytes(), _blocks(size)
-    cpu = _slab(n, bb)
-    src = [cpu.slot_view(i) for i in range(n)]
+    bb, n, cpu, src, tier = _ssd_setup(size, ssd_dir)
     dst = [cpu.slot_view(n + i) for i in range(n)]
-    tier = SSDTier(str(ssd_dir / "tier"), 2 * n * cpu.slot_stride, bb, b"bench-fp-0000000", IO_THREADS)
     raw = Raw(ssd_dir / "raw", tier.o_direct, dst, bb)
     keys = [i.to_bytes(16, "little") for i in range(n)]
     assert all(f.result() for f in [tier.write(k, b"p" * 16, [i], s) for i, (k, s) in enumerate(zip(keys, src))])

@@ -69,12 +69,25 @@ class _Rows(_Mover):
             self.slab[s, layer * self.lb:(layer + 1) * self.lb].copy_(stage[k], non_blocking=True)
 
 
-class _Runs(_Mover):
-    """One 2-D copy per run of consecutive slots (pitch = slot stride)."""
+class _RuntimeCopy(_Mover):
+    """Copies issued through the CUDA runtime: h2d and d2h are one ``_copy`` each way."""
 
     def __init__(self, pipe):
         super().__init__(pipe)
         self.rt = cudart()
+
+    def _copy(self, batch, l0, l1, a, b, stage, to_slab: bool) -> None:
+        raise NotImplementedError
+
+    def h2d(self, batch, l0, l1, a, b, stage):
+        self._copy(batch, l0, l1, a, b, stage, False)
+
+    def d2h(self, batch, layer, a, b, stage):
+        self._copy(batch, layer, layer + 1, a, b, stage, True)
+
+
+class _Runs(_RuntimeCopy):
+    """One 2-D copy per run of consecutive slots (pitch = slot stride)."""
 
     @staticmethod
     def _runs(slots: np.ndarray):
@@ -90,19 +103,9 @@ class _Runs(_Mover):
             else:
                 self.rt.memcpy2d(dev, pitch, host, self.stride, width, e - s, stream)
 
-    def h2d(self, batch, l0, l1, a, b, stage):
-        self._copy(batch, l0, l1, a, b, stage, False)
 
-    def d2h(self, batch, layer, a, b, stage):
-        self._copy(batch, layer, layer + 1, a, b, stage, True)
-
-
-class _BatchCopy(_Mover):
+class _BatchCopy(_RuntimeCopy):
     """One cudaMemcpyBatchAsync per chunk: one descriptor per row, copy engines only."""
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.rt = cudart()
 
     def prepare(self, batch, stream):
         batch.extra["rows"] = np.array(batch.rows, dtype=np.uint64)
@@ -112,12 +115,6 @@ class _BatchCopy(_Mover):
         dev = np.uint64(stage.data_ptr()) + np.arange(b - a, dtype=np.uint64) * np.uint64(stage.stride(0))
         src, dst = (dev, host) if to_slab else (host, dev)
         self.rt.memcpy_batch(dst, src, (l1 - l0) * self.lb, torch.cuda.current_stream().cuda_stream)
-
-    def h2d(self, batch, l0, l1, a, b, stage):
-        self._copy(batch, l0, l1, a, b, stage, False)
-
-    def d2h(self, batch, layer, a, b, stage):
-        self._copy(batch, layer, layer + 1, a, b, stage, True)
 
 
 class _UVA(_Mover):

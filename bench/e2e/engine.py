@@ -29,18 +29,11 @@ import json
 import sys
 import time
 
+from kvplug.tools.offline_llm import drain
+
 
 def counters(llm) -> dict[str, float]:
     return {m.name.split("kvplug_", 1)[1]: m.value for m in llm.get_metrics() if "kvplug_" in m.name}
-
-
-def drain(llm, settle_s: float) -> None:
-    """Let the engine finish what it does after generate() returned (saving a finished
-    request's partial tail, SSD write-backs) and take in those steps' stats."""
-    time.sleep(settle_s)
-    queue = getattr(llm.llm_engine.engine_core, "outputs_queue", None)
-    while queue is not None and not queue.empty():
-        llm.llm_engine.step()
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -61,7 +54,7 @@ def main(spec_path: str, out_path: str) -> None:
     out = {"engine_start_s": round(time.monotonic() - t0, 3), "requests": []}
     for req in spec["requests"]:
         before = counters(llm)
-        params = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0.0)
+        params = SamplingParams(max_tokens=req.get("max_tokens", 8), temperature=0.0, logprobs=req.get("logprobs"))
         t = time.perf_counter()
         (r,) = llm.generate([TokensPrompt(prompt_token_ids=req["prompt"])], params, use_tqdm=False)
         wall = time.perf_counter() - t
@@ -78,6 +71,7 @@ def main(spec_path: str, out_path: str) -> None:
             "generate_wall_s": wall,
             "cached_tokens": r.num_cached_tokens,
             "token_ids": list(r.outputs[0].token_ids),
+            "logprobs": [{str(t): lp.logprob for t, lp in pos.items()} for pos in r.outputs[0].logprobs or []],
             "kvplug": {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)},
         })
     with open(out_path, "w") as f:

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from kvplug.tools.offline_llm import drain
+
 
 def _install_fault_injection(flag_path: str) -> None:
     from kvplug.codec import Codec
@@ -104,15 +106,6 @@ class _KVEvents:
         self._thread.join()
 
 
-def _drain(llm) -> None:
-    """Take in the outputs of steps the engine ran after generate() returned
-    (e.g. saving finished requests' partial tails), so their counts are in."""
-    time.sleep(0.5)
-    queue = getattr(llm.llm_engine.engine_core, "outputs_queue", None)
-    while queue is not None and not queue.empty():
-        llm.llm_engine.step()
-
-
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -150,7 +143,7 @@ def main(spec_path: str, out_path: str) -> None:
         params = SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0, logprobs=5)
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in step["prompts"]], params, use_tqdm=False)
         elapsed = time.monotonic() - t
-        _drain(llm)
+        drain(llm)
         if listener:
             time.sleep(0.3)  # the events of the step's last outputs are on their way
         if os.path.exists(flag):
