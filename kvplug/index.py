@@ -149,11 +149,12 @@ class PrefixIndex:
         parent = self._parent[key]
         return parent, self._children[parent].get(key)
 
-    def match(self, tokens: Sequence[int] | np.ndarray) -> list[tuple[bytes, int]]:
-        """(key, tokens covered) of each block of the longest stored prefix of ``tokens``."""
+    def match(self, tokens: Sequence[int] | np.ndarray, root: bytes | None = None) -> list[tuple[bytes, int]]:
+        """(key, tokens covered) of each block of the longest prefix of ``tokens`` stored
+        under ``root`` (default: the index's root)."""
         query, bt = tokens_array(tokens), self.block_tokens
         hit: list[tuple[bytes, int]] = []
-        parent, pos = self.root, 0
+        parent, pos = self.root if root is None else root, 0
         raw = query.tobytes()  # int64: 8 bytes a token; == block_key(parent, query[pos:pos + bt])
         while pos + bt <= len(query):
             key = xxh3_128_digest(parent + raw[pos * 8:(pos + bt) * 8])

@@ -13,13 +13,21 @@ blocks are immutable and shared (copy-on-write): storing one that exists is a no
 
 State, under one lock (SSD futures complete on I/O threads):
   _index     what a lookup may find: blocks visible in a CPU slot or on SSD
-  _resident  blocks holding a CPU slot: being stored, being promoted, visible,
-             or evicted but kept until their last pin goes
+  _resident  blocks holding a CPU slot, each a ``Resident`` whose state
+             (storing, promoting, visible, evicted: kvplug/block_state.py)
+             only moves along checked transitions
   _policy    the visible resident blocks that may be evicted
   _on_ssd    blocks the SSD tier confirmed (it may drop some on its own: a
              read then misses, and lookups check before promising them)
+  _storing   the entries (parent, tokens) of blocks being stored
+  _writing / _reading  SSD transfers in flight (reads: the handles waiting)
 A block's pins are its loads in flight plus an SSD transfer of its slot.
 SSD calls and byte copies happen outside the lock.
+
+Lookups walk from a root (``root=``, default the store's fingerprint): the
+connector passes a per-request root that holds the request's identity and the
+store's ``epoch``; ``reset`` moves to a new epoch (recorded in the SSD
+directory) and drops every block, so nothing stored before is loaded after.
 """
 
 from __future__ import annotations
@@ -30,13 +38,14 @@ import os
 import secrets
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from kvplug import epoch
+from kvplug.block_state import BlockState, IllegalTransition, Resident
 from kvplug.blocks import BlockRef, Hit, LoadHandle, StoreEntry  # noqa: F401  (re-exported)
 from kvplug.config import KVPlugConfig
 from kvplug.eviction import make_policy
@@ -48,16 +57,6 @@ from kvplug.tiers.base import BackingTier
 from kvplug.tiers.cpu import CPUTier
 
 log = logging.getLogger("kvplug")
-
-
-@dataclass(slots=True)
-class _Resident:
-    """A block that holds a CPU slot."""
-    slot: int
-    pins: int = 0
-    visible: bool = False   # stored (complete_store) or promoted: its bytes are valid
-    evicted: bool = False   # out of the policy: the slot goes back at the last unpin
-    ref: BlockRef | None = None  # its full-block CPU ref, made once: lookups hand out thousands a second
 
 
 class TieredStore:
@@ -87,7 +86,7 @@ class TieredStore:
         self.ssd = ssd
         self._index = PrefixIndex(fingerprint, layout.block_tokens)
         self._policy = make_policy(config.eviction, self.cpu.num_slots)
-        self._resident: dict[bytes, _Resident] = {}
+        self._resident: dict[bytes, Resident] = {}
         self._storing: dict[bytes, StoreEntry] = {}       # prepared, not completed
         self._on_ssd: set[bytes] = set()
         self._writing: set[bytes] = set()                 # SSD writes queued or in flight
@@ -97,6 +96,7 @@ class TieredStore:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)      # SSD transfers finished
         self._closed = False
+        self.epoch = epoch.load(config.ssd_path if ssd is not None else None)
         if ssd is not None:
             for key, parent, tokens in ssd.entries():
                 if self._index.insert(key, parent, tokens):
@@ -108,13 +108,14 @@ class TieredStore:
 
     # -- lookup -----------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int] | np.ndarray) -> Hit:
-        """The longest stored prefix of ``tokens``, block by block, with each block's tier. Pins nothing."""
+    def lookup(self, tokens: Sequence[int] | np.ndarray, root: bytes | None = None) -> Hit:
+        """The longest prefix of ``tokens`` stored under ``root`` (default: the store's
+        fingerprint), block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
         bt, refs, hit_tokens, first_ssd = self.block_tokens, [], 0, -1
         with self._lock:
             resident = self._resident
-            for key, n in self._index.match(tokens):
+            for key, n in self._index.match(tokens, root):
                 block = resident.get(key)
                 if block is not None and block.visible:
                     ref = block.ref
@@ -163,7 +164,7 @@ class TieredStore:
             free = self._take_slots(len(new), jobs)
             self._stats["store_no_slot"] += len(new) - len(free)
             for (key, i), slot in zip(new.items(), free):
-                resident[key] = _Resident(slot)
+                resident[key] = Resident(slot, BlockState.STORING)
                 self._storing[key] = entries[i]
                 slots[i] = slot
         self._run(jobs)
@@ -177,7 +178,7 @@ class TieredStore:
                 entry = self._storing.pop(key, None)
                 if entry is None:
                     continue
-                self._resident[key].visible = True
+                self._resident[key].move(BlockState.VISIBLE)
                 if self._events is not None:
                     self._events.append((True, key))
                 self._index.insert(key, entry.parent, entry.tokens)
@@ -221,17 +222,17 @@ class TieredStore:
             for i, ref in enumerate(refs):
                 block = resident.get(ref.key)
                 if block is not None and block.visible:  # the hot path: a CPU hit
-                    block.pins += 1
+                    block.pin()
                     touch(ref.key)
                     handle.blocks.append(ref if ref.slot == block.slot and ref.tier == "cpu"
                                          else BlockRef(ref.key, ref.num_tokens, "cpu", block.slot))
                     handle._pinned.append(ref.key)
                 elif block is not None and ref.key in self._reading:  # another load promotes it already
-                    block.pins += 1
+                    block.pin()
                     self._reading[ref.key].append((handle, i))
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", block.slot), reading=True)
                 elif block is None and ref.key in self._on_ssd and (slot := self._take_slot(jobs)) is not None:
-                    self._resident[ref.key] = _Resident(slot, pins=2)  # this load's pin + the read's
+                    self._resident[ref.key] = Resident(slot, BlockState.PROMOTING, pins=2)  # this load's + the read's
                     self._reading[ref.key] = [(handle, i)]
                     jobs.append(partial(self._submit, self.ssd.read, (ref.key, self.cpu.slot_view(slot)),
                                         partial(self._read_done, ref.key)))
@@ -247,17 +248,13 @@ class TieredStore:
     def complete_load(self, handle: LoadHandle) -> None:
         """The caller is done with the slots: unpin the blocks."""
         with self._lock:
-            resident = self._resident
             for key in handle._pinned:
-                block = resident[key]
-                block.pins -= 1
-                if block.pins == 0 and block.evicted:
-                    self._release(key)
+                self._unpin(key)
             handle._pinned = []
 
-    def get(self, tokens: Sequence[int] | np.ndarray) -> tuple[int, list[bytes]]:
+    def get(self, tokens: Sequence[int] | np.ndarray, root: bytes | None = None) -> tuple[int, list[bytes]]:
         """Synchronous load of the longest stored prefix: (tokens, each block's bytes)."""
-        handle = self.prepare_load(self.lookup(tokens))
+        handle = self.prepare_load(self.lookup(tokens, root))
         handle.wait()
         try:
             return handle.num_tokens, [self.cpu.block_view(s).numpy().tobytes() for s in handle.slots]
@@ -294,26 +291,31 @@ class TieredStore:
         One not on SSD yet is written back first (unless the queue is full)."""
         self._stats["evictions"] += 1
         block = self._resident[key]
-        block.evicted = True
         if self.ssd is not None and key not in self._on_ssd and key not in self._writing:
             self._queue_write(key, jobs)  # pins the slot until written
+        self._leave_cpu(key, block)
         if block.pins == 0:
             self._release(key)
             return True
         return False
 
     def _unpin(self, key: bytes) -> None:
-        block = self._resident[key]
-        block.pins -= 1
-        if block.pins == 0 and block.evicted:
+        if self._resident[key].unpin():
             self._release(key)
+
+    def _leave_cpu(self, key: bytes, block: Resident) -> None:
+        """A visible block leaves the CPU tier (its slot goes back at its last unpin)."""
+        block.move(BlockState.EVICTING)
+        self._policy.remove(key)
 
     def _release(self, key: bytes) -> None:
         """Give a block's CPU slot back; a block on no tier any more leaves the index."""
-        block = self._resident.pop(key)
-        if self._events is not None and block.visible:
+        block = self._resident[key]
+        if not block.releasable():
+            raise IllegalTransition(f"kvplug store: the slot of a {block.state.value} block given back")
+        del self._resident[key]
+        if self._events is not None and block.state is BlockState.EVICTING:
             self._events.append((False, key))
-        self._policy.remove(key)
         self.cpu.free(block.slot)
         if key not in self._on_ssd:
             self._index.remove(key)
@@ -332,7 +334,7 @@ class TieredStore:
             self._stats["writes_dropped"] += 1
             return
         self._writing.add(key)
-        self._resident[key].pins += 1
+        self._resident[key].pin()
         self._stats["writes_queued"] += 1
         parent, tokens = self._index.entry(key)
         data = self.cpu.slot_view(self._resident[key].slot)  # the whole slot: room for the SSD header
@@ -366,19 +368,40 @@ class TieredStore:
             waiting = self._reading.pop(key)
             block = self._resident[key]
             if ok:
-                block.visible = True
+                block.move(BlockState.VISIBLE)
                 if self._events is not None:
                     self._events.append((True, key))
                 self._policy.insert(key)
                 self._stats["promotions"] += 1
             else:  # corrupt, foreign, I/O error or evicted by the SSD tier: gone
                 self._stats["promotion_failures"] += 1
-                block.evicted = True
+                block.move(BlockState.FAILED)
                 self._forget_ssd_copy(key)
             self._unpin(key)
             self._idle.notify_all()
         for handle, i in waiting:
             handle._read_done(i, ok)
+
+    # -- reset ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """A new epoch (recorded before anything else changes), then every block dropped:
+        nothing stored before the reset is loaded after it, in this process or after a
+        restart. Blocks pinned by loads in flight keep their slots until unpinned; saves
+        in flight complete under old-epoch roots, which no lookup walks any more."""
+        new_epoch = epoch.advance(self.config.ssd_path if self.ssd is not None else None)
+        with self._lock:
+            self.epoch = new_epoch
+            for key, block in list(self._resident.items()):
+                if block.visible:
+                    self._leave_cpu(key, block)
+                    if block.pins == 0:
+                        self._release(key)
+            on_ssd, self._on_ssd = self._on_ssd, set()
+            self._index = PrefixIndex(self.root, self.block_tokens)
+            self._stats["resets"] += 1
+        for key in on_ssd if self.ssd is not None else ():
+            self.ssd.delete(key)
 
     # -- stats and lifetime ---------------------------------------------------------
 

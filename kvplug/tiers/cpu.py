@@ -17,6 +17,12 @@ is per process: pin where the copies happen (the worker that attaches), not
 in a scheduler process that would only pay a CUDA context for it. Only memory
 on tmpfs (or anonymous) can be pinned; elsewhere the slab works unpinned.
 
+A shared slab has an identity nobody else can take: the creator makes the
+file exclusively (a name that exists already is an error, never replaced) and
+writes a header page (magic, a random instance nonce, geometry) before the
+slots; ``attach`` maps it only if the header holds the nonce the creator
+handed out, so a worker can never map another engine's slab.
+
 Only the creating process allocates slots; an attached tier reads and writes
 slots the owner named. Not thread-safe: the store serialises allocate/free.
 """
@@ -28,6 +34,8 @@ import errno
 import logging
 import mmap
 import os
+import secrets
+import struct
 
 import torch
 
@@ -35,16 +43,23 @@ from kvplug.tiers.slots import slot_stride
 
 log = logging.getLogger("kvplug")
 
+HEADER_BYTES = 4096  # one page: the slots after it stay page-aligned (O_DIRECT)
+_HEADER = struct.Struct("<8sH16sQQQ")  # magic, version, nonce, num_slots, slot_stride, block_bytes
+_MAGIC, _VERSION = b"KVPLUGSL", 1
+
 
 class CPUTier:
-    def __init__(self, memory: mmap.mmap, block_bytes: int, *, path: str | None, owner: bool, pin: bool):
+    def __init__(self, memory: mmap.mmap, block_bytes: int, *, path: str | None, owner: bool, pin: bool,
+                 nonce: bytes = b""):
         self.block_bytes = block_bytes
         self.slot_stride = slot_stride(block_bytes)
-        self.num_slots = len(memory) // self.slot_stride
+        offset = HEADER_BYTES if path is not None else 0
+        self.num_slots = (len(memory) - offset) // self.slot_stride
         self.path = path  # the shared-memory file, None for private memory
+        self.nonce = nonce  # a shared slab's instance identity (its header holds it)
         self.owner = owner
         self._memory = memory
-        self.buffer = torch.frombuffer(memory, dtype=torch.uint8).view(self.num_slots, self.slot_stride)
+        self.buffer = torch.frombuffer(memory, dtype=torch.uint8, offset=offset).view(self.num_slots, self.slot_stride)
         self.pinned = pin and _pin(self.buffer)
         self._free = list(range(self.num_slots - 1, -1, -1)) if owner else []  # pop() gives slot 0 first
         self._used = bytearray(self.num_slots)  # catches a double free
@@ -54,11 +69,8 @@ class CPUTier:
     @classmethod
     def create(cls, capacity_bytes: int, block_bytes: int, name: str | None = None,
                shm_dir: str = "/dev/shm", pin: bool = True) -> "CPUTier":
-        """A new slab of ``capacity_bytes // slot_stride`` slots; shared under ``name`` if one is given.
-
-        A stale file of the same name (a crashed run) is replaced; a process
-        still mapping it keeps its old memory.
-        """
+        """A new slab of ``capacity_bytes // slot_stride`` slots; shared under ``name`` if one
+        is given (created exclusively: a file of that name is never replaced)."""
         stride = slot_stride(block_bytes)
         num_slots = capacity_bytes // stride
         if block_bytes <= 0 or num_slots < 1:
@@ -68,9 +80,12 @@ class CPUTier:
         if name is None:
             return cls(mmap.mmap(-1, size), block_bytes, path=None, owner=True, pin=pin)
         path = cls.shm_path(name, shm_dir)
-        if os.path.exists(path):
-            os.unlink(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        size += HEADER_BYTES
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            raise FileExistsError(f"kvplug CPU tier: {path} exists already; a slab is never replaced "
+                                  "(another engine may be using it)") from None
         try:
             try:
                 os.posix_fallocate(fd, 0, size)
@@ -84,23 +99,41 @@ class CPUTier:
             memory = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        return cls(memory, block_bytes, path=path, owner=True, pin=pin)
+        nonce = secrets.token_bytes(16)
+        memory[:_HEADER.size] = _HEADER.pack(_MAGIC, _VERSION, nonce, num_slots, stride, block_bytes)
+        return cls(memory, block_bytes, path=path, owner=True, pin=pin, nonce=nonce)
 
     @classmethod
-    def attach(cls, name: str, block_bytes: int, shm_dir: str = "/dev/shm", pin: bool = True) -> "CPUTier":
-        """Map the slab another process created under ``name``."""
+    def attach(cls, name: str, block_bytes: int, shm_dir: str = "/dev/shm", pin: bool = True,
+               nonce: bytes | None = None) -> "CPUTier":
+        """Map the slab another process created under ``name``, if its header holds ``nonce``
+        (the creator's ``nonce``) and the geometry of ``block_bytes``."""
         path = cls.shm_path(name, shm_dir)
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
         try:
             size = os.fstat(fd).st_size
             stride = slot_stride(block_bytes)
-            if size < stride or size % stride:
-                raise ValueError(f"kvplug CPU tier: {path} holds {size} bytes, not whole slots of {stride} "
-                                 f"(block_bytes={block_bytes}): another layout or codec made it")
+            header = os.pread(fd, _HEADER.size, 0)
+            if len(header) < _HEADER.size:
+                raise ValueError(f"kvplug CPU tier: {path} is not a kvplug slab (no header)")
+            magic, version, found, num_slots, found_stride, found_bytes = _HEADER.unpack(header)
+            if magic != _MAGIC or version != _VERSION:
+                raise ValueError(f"kvplug CPU tier: {path} is not a kvplug slab of format {_VERSION}")
+            if nonce is not None and found != nonce:
+                raise ValueError(f"kvplug CPU tier: {path} belongs to another engine instance (nonce differs)")
+            if (found_stride, found_bytes) != (stride, block_bytes) or size != HEADER_BYTES + num_slots * stride:
+                raise ValueError(f"kvplug CPU tier: {path} holds blocks of {found_bytes} bytes in {num_slots} "
+                                 f"slots of {found_stride} ({size} bytes), expected blocks of {block_bytes}: "
+                                 "another layout or codec made it")
             memory = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        return cls(memory, block_bytes, path=path, owner=False, pin=pin)
+        return cls(memory, block_bytes, path=path, owner=False, pin=pin, nonce=found)
+
+    @staticmethod
+    def unique_name(prefix: str) -> str:
+        """A slab name for one engine instance: the prefix and 64 random bits."""
+        return f"{prefix}-{secrets.token_hex(8)}"
 
     @staticmethod
     def shm_path(name: str, shm_dir: str = "/dev/shm") -> str:
@@ -169,8 +202,19 @@ class CPUTier:
         self._memory = None
 
     def unlink(self) -> None:
-        """Remove the shared-memory file; mappings stay valid until closed."""
-        if self.path is not None and os.path.exists(self.path):
+        """Remove the shared-memory file this process created; mappings stay valid until closed.
+        Never a slab it only attached, nor a file another took the name with since."""
+        if self.path is None or not self.owner:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            header = os.pread(fd, _HEADER.size, 0)
+        finally:
+            os.close(fd)
+        if len(header) == _HEADER.size and _HEADER.unpack(header)[2] == self.nonce:
             os.unlink(self.path)
 
     def __enter__(self) -> "CPUTier":

@@ -89,15 +89,51 @@ def test_attached_tier_does_not_free(tmp_path):
 
 def test_attach_rejects_another_geometry(tmp_path):
     with CPUTier.create(3 * STRIDE, BLOCK, name="g", shm_dir=str(tmp_path)):
-        with pytest.raises(ValueError, match="block_bytes"):
+        with pytest.raises(ValueError, match="expected blocks of 5000"):
             CPUTier.attach("g", 5000, shm_dir=str(tmp_path))
 
 
-def test_create_replaces_a_stale_file(tmp_path):
-    (tmp_path / "stale").write_bytes(b"x" * 10)
-    with CPUTier.create(2 * STRIDE, BLOCK, name="stale", shm_dir=str(tmp_path)) as t:
-        assert os.path.getsize(t.path) == 2 * STRIDE
-        assert t.name == "stale"
+def test_create_never_replaces_an_existing_file(tmp_path):
+    (tmp_path / "taken").write_bytes(b"x" * 10)
+    with pytest.raises(FileExistsError, match="never replaced"):
+        CPUTier.create(2 * STRIDE, BLOCK, name="taken", shm_dir=str(tmp_path))
+    assert (tmp_path / "taken").read_bytes() == b"x" * 10
+
+
+def test_two_engines_with_one_name_prefix_stay_apart(tmp_path):
+    # Two engines with the same engine_id on one host: each makes its own slab
+    # (random name), and a worker handed one's nonce cannot map the other's.
+    a = CPUTier.create(2 * STRIDE, BLOCK, name=CPUTier.unique_name("kvplug-e1"), shm_dir=str(tmp_path))
+    b = CPUTier.create(2 * STRIDE, BLOCK, name=CPUTier.unique_name("kvplug-e1"), shm_dir=str(tmp_path))
+    assert a.name != b.name and a.nonce != b.nonce
+    a.block_view(a.allocate()).fill_(1)
+    b.block_view(b.allocate()).fill_(2)
+    worker = CPUTier.attach(a.name, BLOCK, shm_dir=str(tmp_path), nonce=a.nonce)
+    assert bool((worker.block_view(0) == 1).all())
+    with pytest.raises(ValueError, match="another engine instance"):
+        CPUTier.attach(b.name, BLOCK, shm_dir=str(tmp_path), nonce=a.nonce)
+    worker.unlink()  # an attached tier never removes the owner's file
+    assert sorted(os.listdir(tmp_path)) == sorted([a.name, b.name])
+    for t in (worker, a, b):
+        t.close()
+    a.unlink()
+    b.unlink()
+    assert not os.listdir(tmp_path)
+
+
+def test_owner_never_unlinks_a_file_that_took_its_name(tmp_path):
+    a = CPUTier.create(2 * STRIDE, BLOCK, name="n", shm_dir=str(tmp_path))
+    os.unlink(a.path)  # gone (e.g. removed by hand), and the name taken by something else
+    (tmp_path / "n").write_bytes(b"y" * 8192)
+    a.unlink()
+    assert (tmp_path / "n").exists()
+    a.close()
+
+
+def test_attach_refuses_a_file_that_is_not_a_slab(tmp_path):
+    (tmp_path / "junk").write_bytes(b"\0" * 8192)
+    with pytest.raises(ValueError, match="not a kvplug slab"):
+        CPUTier.attach("junk", BLOCK, shm_dir=str(tmp_path))
 
 
 def test_bad_names_are_rejected(tmp_path):
