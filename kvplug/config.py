@@ -115,6 +115,9 @@ class KVPlugConfig:
     # "auto" (the cores the engine left free of compute threads, if any),
     # "shared" (the compute cores), or a CPU list such as "2,3" or "4-7".
     transfer_cpus: str = "auto"
+    # A block that cannot be loaded: "recompute" it (the request goes on) or "fail"
+    # the request (vLLM's kv_load_failure_policy, set from this for both spellings).
+    load_failure_policy: str = "recompute"
 
     _CHOICES = {
         "codec": ("raw", "int4h"),
@@ -122,6 +125,7 @@ class KVPlugConfig:
         "o_direct": ("auto", "on", "off"),
         "ssd_write": ("through", "back"),
         "load_policy": ("always", "auto"),
+        "load_failure_policy": ("recompute", "fail"),
     }
     _SIZES = ("cpu_bytes", "ssd_bytes")
 

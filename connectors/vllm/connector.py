@@ -2,9 +2,9 @@
 
 vLLM builds one per role: in EngineCore the scheduler half (which owns the
 TieredStore), in each worker the worker half (which copies bytes between the
-paged KV cache and the store's shared-memory slab). Not ``SupportsHMA``: vLLM
-then turns the hybrid KV cache manager off by itself, which changes nothing
-for full-attention models (one KV cache group either way).
+paged KV cache and the store's shared-memory slab). Every method of vLLM
+0.32's ``KVConnectorBase_V1`` is answered on purpose: see the table in
+connectors/vllm/README.md.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+import logging
+
 from kvplug.config import KVPlugConfig
 
 from .geometry import geometry
@@ -27,6 +29,8 @@ from .metadata import KVPlugMetadata
 from .scheduler import SchedulerHalf
 from .stats import KVPlugPromMetrics, KVPlugStats
 from .worker import WorkerHalf
+
+log = logging.getLogger("vllm.kvplug")
 
 
 class KVPlugConnector(KVConnectorBase_V1):
@@ -39,11 +43,22 @@ class KVPlugConnector(KVConnectorBase_V1):
         self.scheduler: SchedulerHalf | None = None
         self.worker: WorkerHalf | None = None
         if role == KVConnectorRole.SCHEDULER:
+            _apply_load_failure_policy(self._kv_transfer_config, config)
             events = getattr(vllm_config, "kv_events_config", None)
-            self.scheduler = SchedulerHalf(config, geo, self._kv_transfer_config.kv_load_failure_policy,
+            self.scheduler = SchedulerHalf(config, geo, engine_id=str(self._kv_transfer_config.engine_id)[:8],
                                            kv_events=bool(events is not None and events.enable_kv_cache_events))
         else:
             self.worker = WorkerHalf(config, geo, _tensor_parallel_rank(geo))
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        # Loads and saves run layer by layer (wait_for_layer_load / save_kv_layer): a
+        # full CUDA graph replay would skip those calls and read blocks still in flight.
+        return True
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config) -> str | None:
+        return None  # every layout vLLM offers is read from the tensors' strides (kvplug/layout.py)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -72,6 +87,9 @@ class KVPlugConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
 
+    def reset_cache(self) -> bool | None:
+        return self.scheduler.reset_cache() if self.scheduler is not None else None
+
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         self.scheduler.bind_kv_cache_manager(kv_cache_manager)
@@ -80,6 +98,10 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert isinstance(kv_connector_metadata, KVPlugMetadata)
+        self.worker.handle_preemptions(kv_connector_metadata)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self.worker.start_load(self._meta())
@@ -124,6 +146,18 @@ class KVPlugConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         half = self.scheduler or self.worker
         half.shutdown()
+
+
+def _apply_load_failure_policy(kv_transfer_config, config: KVPlugConfig) -> None:
+    """A block kvplug cannot load is recomputed, in both spellings: vLLM's own default
+    ("fail", which the scheduler reads just after building this connector) fails the
+    user's request instead. vLLM cannot tell that default from an explicit "fail", so
+    failing requests is asked for with kvplug's ``load_failure_policy: fail``."""
+    wanted = config.load_failure_policy
+    if kv_transfer_config.kv_load_failure_policy != wanted:
+        log.info("kvplug: kv_load_failure_policy %r -> %r (kvplug's load_failure_policy)",
+                 kv_transfer_config.kv_load_failure_policy, wanted)
+        kv_transfer_config.kv_load_failure_policy = wanted
 
 
 def _tensor_parallel_rank(geo) -> int:

@@ -11,7 +11,13 @@ shard that rank's layers in the codec's bytes. One key per block means one
 lookup for all ranks (the scheduler half is one process), a block is visible
 only once every rank has written its shard, and a block is never half a hit.
 The tensor-parallel size is in the fingerprint: a store written with another
-split is another root, a miss, never a wrong load.
+split is another root, a miss, never a wrong load. The fingerprint covers
+everything else that determines the bytes too (identity.model_fingerprint).
+
+What kvplug cannot store yet is refused here, at start-up, with the setting
+named: pipeline and context parallelism, engines over several nodes, models
+with more than one KV cache group (sliding-window or hybrid), quantized KV
+caches, and speculative decoding methods whose draft model has a KV cache.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvplug.codec import Codec, get_codec
 from kvplug.config import KVPlugConfig
-from kvplug.keys import fingerprint
 from kvplug.layout import DTYPES, KVLayout
+
+from .identity import model_fingerprint
+
+# Speculative methods that propose tokens without a KV cache of their own: the
+# target's KV (all kvplug stores) is the same as without them.
+KV_FREE_SPECULATION = ("ngram", "ngram_gpu", "suffix", "medusa", "mlp_speculator")
 
 
 @dataclass(frozen=True)
@@ -31,8 +42,7 @@ class Geometry:
     layout: KVLayout
     layer_names: tuple[str, ...]  # layer i of a stored block is layer_names[i]
     codec: Codec
-    root: bytes                   # fingerprint: the parent of every first block
-    slab_name: str                # the CPU tier's shared-memory file
+    root: bytes                   # fingerprint: the store's, and the base of every request's root
     tp_size: int = 1              # tensor-parallel ranks, each with its shard of a stored block
 
     @property
@@ -64,25 +74,28 @@ def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
     if getattr(parallel, "nnodes", 1) != 1:
         raise ValueError(f"kvplug: an engine over {parallel.nnodes} nodes is not supported yet; expected 1 "
                          "(every rank maps the CPU tier's slab from one node's shared memory)")
+    spec_method = getattr(getattr(vllm_config, "speculative_config", None), "method", None)
+    if spec_method is not None and spec_method not in KV_FREE_SPECULATION:
+        raise ValueError(f"kvplug: speculative decoding with method={spec_method!r} is not supported yet "
+                         f"(its draft model has a KV cache kvplug does not store); expected one of "
+                         f"{list(KV_FREE_SPECULATION)} or none")
     tp = parallel.tensor_parallel_size
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1 or type(groups[0].kv_cache_spec) is not FullAttentionSpec:
         kinds = [type(g.kv_cache_spec).__name__ for g in groups]
         raise ValueError(f"kvplug: only models whose layers all use full attention are supported; "
-                         f"this one has KV cache groups {kinds}")
+                         f"this one has KV cache groups {kinds} (sliding-window, hybrid and MLA models are not)")
     spec = groups[0].kv_cache_spec
     if spec.head_size_v not in (None, spec.head_size):
         raise ValueError(f"kvplug: K and V head sizes differ ({spec.head_size} vs {spec.head_size_v})")
     dtype = next((name for name, t in DTYPES.items() if t == spec.dtype), None)
+    cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
     if dtype is None:
-        raise ValueError(f"kvplug: KV cache dtype {spec.dtype} is not supported; expected one of {sorted(DTYPES)} "
-                         "(quantized KV caches such as fp8 are not)")
+        raise ValueError(f"kvplug: kv_cache_dtype={cache_dtype!r} (KV cache dtype {spec.dtype}) is not supported; "
+                         f"expected \"auto\" (one of {sorted(DTYPES)}); quantized KV caches such as fp8 are not")
     # spec.num_kv_heads is already one rank's share of the heads.
     layout = KVLayout(num_layers=len(groups[0].layer_names), num_kv_heads=spec.num_kv_heads,
                       head_size=spec.head_size, block_tokens=spec.block_size, dtype=dtype)
     codec = get_codec(config.codec, layout, config.int4h_group)
-    model = vllm_config.model_config
-    root = fingerprint(model.model, layout.describe(), config.codec, rank=0, world_size=tp,
-                       extra={"codec": codec.describe(), "revision": model.revision})
-    engine_id = vllm_config.kv_transfer_config.engine_id
-    return Geometry(layout, tuple(groups[0].layer_names), codec, root, f"kvplug-{engine_id}", tp)
+    root = model_fingerprint(vllm_config, layout.describe(), codec.describe(), config.codec, tp)
+    return Geometry(layout, tuple(groups[0].layer_names), codec, root, tp)

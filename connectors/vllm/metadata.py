@@ -5,8 +5,10 @@ slab slots to load into which of vLLM's blocks, which blocks to save into
 which slots, and which finished requests to report back once saved.
 
 Worker -> scheduler (``KVPlugWorkerMetadata``, returned with the step's
-output): which save jobs and loads are done, which saves could not be written
-and which loaded blocks failed.
+output, or a later one's: the worker reports what has finished whenever vLLM
+asks): which jobs (loads and saves) are done, which saves could not be written
+and which blocks of which loads failed. A load's failures are always reported
+no later than its completion, and before any save computed over it.
 Counts add up across workers (tensor parallel), so the scheduler acts once
 every worker has reported.
 """
@@ -20,6 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 @dataclass
 class LoadJob:
+    job_id: int
     req_id: str
     block_ids: list[int]   # vLLM blocks to fill, in prefix order
     slots: list[int]       # slab slot of each
@@ -36,32 +39,33 @@ class SaveJob:
 
 @dataclass
 class KVPlugMetadata(KVConnectorMetadata):
+    slab: tuple[str, bytes] = ("", b"")  # the CPU tier's shared-memory file: (name, instance nonce)
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
     # Finished requests whose blocks vLLM holds for us: report them in
     # finished_sending once every save of theirs sent so far is done.
     release: list[str] = field(default_factory=list)
+    # Requests vLLM preempted this step with saves in flight: their blocks may be
+    # reused once this step runs, so those saves must finish first.
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass
 class KVPlugWorkerMetadata(KVConnectorWorkerMetadata):
-    saved: dict[int, int] = field(default_factory=dict)        # job_id -> workers done
-    unsaved: list[int] = field(default_factory=list)           # jobs some block of which was not written
-    loaded: dict[str, int] = field(default_factory=dict)       # req_id -> workers done
-    failed: dict[str, list[int]] = field(default_factory=dict)  # req_id -> vLLM block ids that failed
-    attached: int = 0                                          # workers that mapped the slab this step
+    done: dict[int, int] = field(default_factory=dict)         # job_id (load or save) -> workers done
+    unsaved: list[int] = field(default_factory=list)           # save jobs some block of which was not written
+    failed: dict[int, list[int]] = field(default_factory=dict)  # load job_id -> vLLM block ids that failed
+    attached: int = 0                                          # workers that mapped the slab
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> "KVPlugWorkerMetadata":
         assert isinstance(other, KVPlugWorkerMetadata)
-        out = KVPlugWorkerMetadata(dict(self.saved), sorted(set(self.unsaved) | set(other.unsaved)), dict(self.loaded),
+        out = KVPlugWorkerMetadata(dict(self.done), sorted(set(self.unsaved) | set(other.unsaved)),
                                    {k: list(v) for k, v in self.failed.items()}, self.attached + other.attached)
-        for job, n in other.saved.items():
-            out.saved[job] = out.saved.get(job, 0) + n
-        for req, n in other.loaded.items():
-            out.loaded[req] = out.loaded.get(req, 0) + n
-        for req, ids in other.failed.items():
-            out.failed[req] = sorted(set(out.failed.get(req, [])) | set(ids))
+        for job, n in other.done.items():
+            out.done[job] = out.done.get(job, 0) + n
+        for job, ids in other.failed.items():
+            out.failed[job] = sorted(set(out.failed.get(job, [])) | set(ids))
         return out
 
     def is_empty(self) -> bool:
-        return not (self.saved or self.unsaved or self.loaded or self.failed or self.attached)
+        return not (self.done or self.unsaved or self.failed or self.attached)

@@ -1,12 +1,16 @@
 """Scheduler half: lookups, load plans, what to save, and the store's two phases.
 
 Runs in vLLM's EngineCore process and owns the TieredStore. Per request it
-keeps the chained keys of the blocks it has seen, the pinned hit between the
-lookup and the worker's copy, and the save jobs in flight. The worker only
-copies bytes; nothing becomes visible in the store until the worker says its
-bytes are written, and nothing pinned is unpinned before the worker is done.
-With load_policy=auto a hit is loaded only when kvplug.policy.LoadPolicy says
-loading beats recomputing, from prefill steps and SSD promotions it times.
+keeps a ``RequestState`` (request_state.py: key chain, load phase); every
+transfer in flight is a job (jobs.py). The worker only copies bytes; nothing
+becomes visible in the store until every worker says its bytes are written,
+and nothing pinned is unpinned before every worker is done.
+
+A request's blocks are keyed from its own root (identity.py: LoRA adapter and
+its files, cache salt, the store's epoch), for lookups and saves alike; a
+request kvplug cannot key (prompt embeddings, multimodal) is neither stored nor
+loaded. With load_policy=auto a hit is loaded only when kvplug.policy.LoadPolicy
+says loading beats recomputing, from prefill steps and SSD promotions it times.
 """
 
 from __future__ import annotations
@@ -15,120 +19,53 @@ import logging
 import time
 from collections import Counter
 
-import xxhash
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvplug.blocks import StoreEntry
 from kvplug.config import KVPlugConfig
-from kvplug.keys import block_key, tokens_array
 from kvplug.policy import LoadPolicy
-from kvplug.blocks import LoadHandle, StoreEntry
 from kvplug.store import TieredStore
+from kvplug.tiers.cpu import CPUTier
 
 from .geometry import Geometry
+from .identity import Unkeyable, request_identity, request_root
+from .jobs import Job, JobTable
+from .kv_events import KVEventLog
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
+from .request_state import LoadPhase, RequestState
 from .stats import KVPlugStats
 
 log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and format
 
 
-class _Req:
-    """What the scheduler half tracks for one request."""
-
-    def __init__(self, request, root: bytes, block_tokens: int):
-        self.request = request
-        self.root = root
-        self.T = block_tokens
-        self.keys: list[bytes] = []        # chained keys of full blocks 0..len-1
-        self.next_block = 0                # first full block not yet offered to the store
-        self.handle: LoadHandle | None = None  # pinned hit: from lookup until sent to the worker
-        self.load_start = 0                # num_computed_tokens the hit was looked up from
-        self.promoting = 0                 # SSD blocks of the hit being promoted
-        self.asked = 0.0                   # when the hit was looked up
-        self.looked_up = False             # lookup counted in stats
-        self.plan: LoadJob | None = None   # allocated; goes out with this step's metadata
-        self.sources: dict[CacheHitSource, int] = {}
-        self.loading: LoadHandle | None = None  # sent to the worker, not reported back yet
-        self.loaded_from = 0               # request block index of the first block loaded
-        self.loaded_ids: list[int] = []    # vLLM blocks the last load filled
-        self.saves: set[int] = set()       # save jobs in flight
-        self.poisoned: set[int] = set()    # save jobs computed over a failed load: abort them
-
-    def key(self, i: int) -> bytes:
-        """Key of full block i (hashing the blocks before it once)."""
-        for j in range(len(self.keys), i + 1):
-            self.keys.append(block_key(self.parent(j), self.tokens(j * self.T, (j + 1) * self.T)))
-        return self.keys[i]
-
-    def parent(self, i: int) -> bytes:
-        return self.key(i - 1) if i else self.root
-
-    def tokens(self, start: int, end: int):
-        return tokens_array(self.request.all_token_ids[start:end])
-
-    def entry(self, i: int) -> StoreEntry:
-        """Full block i."""
-        return StoreEntry(self.key(i), self.parent(i), self.tokens(i * self.T, (i + 1) * self.T))
-
-
 class SchedulerHalf:
-    def __init__(self, config: KVPlugConfig, geo: Geometry, kv_load_failure_policy: str = "recompute",
-                 kv_events: bool = False):
+    def __init__(self, config: KVPlugConfig, geo: Geometry, *, engine_id: str = "engine", kv_events: bool = False):
         self.config = config
         self.geo = geo
         self.T = geo.block_tokens
-        self.store = TieredStore(config, geo.layout, geo.block_bytes, geo.root, name=geo.slab_name,
-                                 events=kv_events)
-        # kv_events: vLLM's hash, parent hash, tokens and LoRA of each block this
-        # engine saved, from its save until it leaves the CPU tier.
-        self._announce: dict[bytes, tuple] | None = {} if kv_events else None
+        self.store = TieredStore(config, geo.layout, geo.block_bytes, geo.root,
+                                 name=CPUTier.unique_name(f"kvplug-{engine_id}"), events=kv_events)
+        self._events = KVEventLog(self.T) if kv_events else None
         self.stats = KVPlugStats()
         self.policy = LoadPolicy(config.load_policy)
         self._step: tuple[float, int] | None = None  # (start, tokens) of the step in flight: prefill speed
-        self._reqs: dict[str, _Req] = {}
-        self._planned: list[_Req] = []
-        self._jobs: dict[int, tuple[str, list[bytes]]] = {}  # save job -> (request, keys)
-        self._next_job = 0
+        self._reqs: dict[str, RequestState | None] = {}  # None: a request kvplug cannot key
+        self._planned: list[RequestState] = []
+        self._jobs = JobTable(geo.tp_size)  # each job is done once every tensor-parallel worker reports it
         self._tails: list[SaveJob] = []     # partial tails of finished requests, for the next step
         self._release: list[str] = []       # finished requests vLLM holds blocks of for us
-        self._saved = Counter()             # workers done per save job / load (tensor parallel: wait for all)
-        self._unsaved: set[int] = set()     # save jobs some worker could not write
-        self._loaded = Counter()
-        self._world = geo.tp_size  # workers that report each step (tensor parallel ranks)
         self._attached = 0
-        if kv_load_failure_policy != "recompute":
-            log.warning("kvplug: kv_load_failure_policy=%r fails a request when one of its blocks cannot be "
-                        "loaded; 'recompute' recomputes the block instead", kv_load_failure_policy)
 
     # -- lookup -----------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        st = self._state(request)
-        if st is None:
+        st = self._state(request, num_computed_tokens)
+        if st is None or st.epoch != self.store.epoch or st.phase is LoadPhase.LOADING:
+            return 0, False  # unkeyable, from before a reset, or its last load still in flight: recompute
+        if st.phase is LoadPhase.PLANNED or (st.phase is LoadPhase.PINNED and st.lookup_from != num_computed_tokens):
+            self._drop(st)  # preempted before its plan went out, or vLLM's own prefix cache moved on
+        if st.phase is LoadPhase.NONE and not self._pin_hit(st, request, num_computed_tokens):
             return 0, False
-        if st.handle is not None and st.load_start != num_computed_tokens:
-            self._drop_handle(st)
-        if st.handle is None:
-            cap = request.num_tokens - 1  # the last prompt token is always computed
-            if num_computed_tokens % self.T or cap - num_computed_tokens < self.config.min_hit_tokens:
-                return 0, False
-            hit = self.store.lookup(st.tokens(0, cap))
-            if not st.looked_up:
-                st.looked_up = True
-                self.stats.add("lookups")
-                self.stats.add("lookup_tokens", cap - num_computed_tokens)
-            if hit.num_tokens - num_computed_tokens < self.config.min_hit_tokens:
-                return 0, False
-            refs = hit.blocks[num_computed_tokens // self.T:]
-            tiers = Counter(r.tier for r in refs)
-            if not self.policy.should_load(hit.num_tokens - num_computed_tokens,
-                                           {t: n * self.geo.block_bytes for t, n in tiers.items()}):
-                self.stats.add("policy_skipped_tokens", hit.num_tokens - num_computed_tokens)
-                return 0, False
-            st.handle = self.store.prepare_load(refs)
-            st.load_start, st.promoting = num_computed_tokens, tiers["ssd"]
-            st.asked = time.monotonic()
-            if st.promoting:
-                self.stats.add("promotions")
         if not st.handle.done():
             return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
         if st.promoting:  # as seen by the request: it waited from the lookup until now
@@ -142,20 +79,44 @@ class SchedulerHalf:
             self.store.complete_load(failed)
         num = st.handle.num_tokens
         if num < self.config.min_hit_tokens:
-            self._drop_handle(st)
+            self._drop(st)
             return 0, False
         return num, False
 
+    def _pin_hit(self, st: RequestState, request, num_computed_tokens: int) -> bool:
+        cap = request.num_tokens - 1  # the last prompt token is always computed
+        if num_computed_tokens % self.T or cap - num_computed_tokens < self.config.min_hit_tokens:
+            return False
+        hit = self.store.lookup(st.tokens(0, cap), st.root)
+        if not st.looked_up:
+            st.looked_up = True
+            self.stats.add("lookups")
+            self.stats.add("lookup_tokens", cap - num_computed_tokens)
+        new = hit.num_tokens - num_computed_tokens
+        if new < self.config.min_hit_tokens:
+            return False
+        refs = hit.blocks[num_computed_tokens // self.T:]
+        tiers = Counter(r.tier for r in refs)
+        if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()}):
+            self.stats.add("policy_skipped_tokens", new)
+            return False
+        st.move(LoadPhase.PINNED)
+        st.handle = self.store.prepare_load(refs)
+        st.lookup_from, st.promoting, st.asked = num_computed_tokens, tiers["ssd"], time.monotonic()
+        if st.promoting:
+            self.stats.add("promotions")
+        return True
+
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
-        if st is None or st.handle is None:
+        if st is None or st.request is not request or st.phase is not LoadPhase.PINNED:
             return
         if num_external_tokens == 0:
-            self._drop_handle(st)
+            self._drop(st)
             return
         block_ids = blocks.get_block_ids()[0]
-        start, end, T = st.load_start, st.load_start + num_external_tokens, self.T
-        plan = LoadJob(request.request_id, [], [], [])
+        start, end, T = st.lookup_from, st.lookup_from + num_external_tokens, self.T
+        plan = LoadJob(-1, request.request_id, [], [], [])  # the job id is given when it goes out
         sources = Counter()
         for j, ref in enumerate(st.handle.loadable):
             i = start // T + j
@@ -166,8 +127,8 @@ class SchedulerHalf:
             plan.slots.append(ref.slot)
             plan.num_tokens.append(n)
             sources[CacheHitSource.DISK if ref.tier == "ssd" else CacheHitSource.HOST] += n
+        st.move(LoadPhase.PLANNED)
         st.plan, st.sources = plan, dict(sources)
-        st.loaded_from, st.loaded_ids = start // T, plan.block_ids
         self._planned.append(st)
         self.stats.add("hit_tokens", num_external_tokens)
         self.stats.add("hit_tokens_cpu", sources[CacheHitSource.HOST])
@@ -180,19 +141,28 @@ class SchedulerHalf:
     # -- the step ---------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
-        meta = KVPlugMetadata()
+        meta = KVPlugMetadata(slab=(self.store.cpu.name, self.store.cpu.nonce))
         if scheduler_output.total_num_scheduled_tokens >= self.T:  # a prefill-sized step: time it
             self._step = (time.monotonic(), scheduler_output.total_num_scheduled_tokens)
+        preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for st in self._planned:
-            if st.plan is not None:
-                meta.loads.append(st.plan)
-                st.loading, st.handle, st.plan = st.handle, None, None
+            if st.phase is not LoadPhase.PLANNED:
+                continue
+            if st.req_id in preempted:  # its blocks are gone again: never write into them
+                self._drop(st)
+                continue
+            job = self._jobs.add(st, handle=st.handle, block_ids=st.plan.block_ids,
+                                 first_block=st.lookup_from // self.T)
+            st.plan.job_id = job.job_id
+            meta.loads.append(st.plan)
+            st.move(LoadPhase.LOADING)
+            st.load_job, st.handle = job.job_id, job.handle
         self._planned = []
 
         block_state = scheduler_output.kv_connector_block_state
         for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
             st = self._reqs.get(req_id)
-            if st is None:
+            if st is None or st.epoch != self.store.epoch:
                 continue
             req = st.request
             # Full blocks whose KV exists once this step has run.
@@ -207,23 +177,24 @@ class SchedulerHalf:
 
         meta.saves += self._tails
         meta.release = self._release
+        meta.preempted = [r for r in preempted if (st := self._reqs.get(r)) is not None and st.saves]
         self._tails, self._release = [], []
         return meta
 
-    def _save_job(self, st: _Req, blocks: list[tuple[int, StoreEntry]], block_ids: list[int]) -> SaveJob | None:
+    def _save_job(self, st: RequestState, blocks: list[tuple[int, StoreEntry]], block_ids: list[int]) -> SaveJob | None:
         """Reserve slots for blocks (index in the request, entry); a job for those that need writing."""
         slots = self.store.prepare_store([e for _, e in blocks])
         picked = [(block_ids[i], slot, e.key) for (i, e), slot in zip(blocks, slots) if slot is not None]
-        if self._announce is not None:
-            self._note_hashes(st, blocks, slots)
+        if self._events is not None:
+            self._events.note(st.request, blocks, slots)
         self.stats.add("store_skipped_blocks", len(blocks) - len(picked))
         if not picked:
             return None
-        job = SaveJob(self._next_job, st.request.request_id, [p[0] for p in picked], [p[1] for p in picked])
-        self._jobs[job.job_id] = (job.req_id, [p[2] for p in picked])
+        last = blocks[-1][0]
+        job = self._jobs.add(st, keys=[p[2] for p in picked], over=frozenset(block_ids[:last + 1]),
+                             first_block=blocks[0][0], epoch=self.store.epoch)
         st.saves.add(job.job_id)
-        self._next_job += 1
-        return job
+        return SaveJob(job.job_id, st.req_id, [p[0] for p in picked], [p[1] for p in picked])
 
     def update_connector_output(self, output) -> None:
         if self._step is not None:
@@ -233,103 +204,73 @@ class SchedulerHalf:
         if isinstance(wm, KVPlugWorkerMetadata):
             self._on_worker_meta(wm)
         for req_id in output.finished_sending or ():
-            self._reqs.pop(req_id, None)
+            st = self._reqs.get(req_id)
+            if st is not None and st.finished:
+                del self._reqs[req_id]
 
     def _on_worker_meta(self, wm: KVPlugWorkerMetadata) -> None:
         if wm.attached:
             self._attached += wm.attached
-            if self._attached >= self._world:
+            if self._attached >= self.geo.tp_size:
                 # Every worker maps the slab now: drop its name so that even a kill -9 leaks nothing.
                 self.store.cpu.unlink()
-        for req_id, block_ids in wm.failed.items():  # before the saves: they may be poisoned
-            self._on_load_failed(req_id, block_ids)
-        for req_id, n in wm.loaded.items():
-            self._loaded[req_id] += n
-            if self._loaded[req_id] >= self._world:
-                del self._loaded[req_id]
-                st = self._reqs.get(req_id)
-                if st is not None and st.loading is not None:
-                    self.stats.add("loaded_blocks", len(st.loading.loadable))
-                    self.store.complete_load(st.loading)
-                    st.loading = None
-        self._unsaved.update(wm.unsaved)
-        for job_id, n in wm.saved.items():
-            self._saved[job_id] += n
-            if self._saved[job_id] < self._world:
-                continue
-            del self._saved[job_id]
-            req_id, keys = self._jobs.pop(job_id)
-            st = self._reqs.get(req_id)
-            if st is not None:
-                st.saves.discard(job_id)
-            poisoned = st is not None and job_id in st.poisoned
-            if poisoned or job_id in self._unsaved:  # bytes missing or wrong: never make them visible
-                self._unsaved.discard(job_id)
-                if poisoned:
-                    st.poisoned.discard(job_id)
-                self.store.abort_store(keys)
-                self.stats.add("aborted_blocks", len(keys))
-                for key in keys if self._announce is not None else ():
-                    self._announce.pop(key, None)
+        for job_id, block_ids in wm.failed.items():  # before any completion: saves over them are poisoned
+            self._on_load_failed(job_id, set(block_ids))
+        for job_id in wm.unsaved:
+            if (job := self._jobs.get(job_id)) is not None:
+                job.unsaved = True
+        for job_id, n in wm.done.items():
+            job = self._jobs.report(job_id, n)
+            if job is not None:
+                self._complete(job)
+
+    def _on_load_failed(self, job_id: int, failed: set[int]) -> None:
+        """vLLM recomputes from the first failed block: store those blocks again, and
+        never any block computed on top of the bad KV, whichever request computed it."""
+        self.stats.add("load_failed_blocks", len(failed))
+        job = self._jobs.get(job_id)
+        if job is not None and job.is_load:
+            bad = [j for j, b in enumerate(job.block_ids) if b in failed]
+            job.state.next_block = min(job.state.next_block, job.first_block + min(bad, default=0))
+        for poisoned in self._jobs.poison(failed):
+            poisoned.state.next_block = min(poisoned.state.next_block, poisoned.first_block)
+
+    def _complete(self, job: Job) -> None:
+        st = job.state
+        if job.is_load:
+            self.stats.add("loaded_blocks", len(job.handle.loadable))
+            self.store.complete_load(job.handle)
+            if st.load_job == job.job_id:
+                st.move(LoadPhase.NONE)
+        else:
+            st.saves.discard(job.job_id)
+            if job.poisoned or job.unsaved or job.epoch != self.store.epoch:
+                # Bytes missing, computed over a failed load, or from before a reset: never visible.
+                self.store.abort_store(job.keys)
+                self.stats.add("aborted_blocks", len(job.keys))
+                if self._events is not None:
+                    self._events.forget(job.keys)
             else:
-                self.store.complete_store(keys)
-                self.stats.add("stored_blocks", len(keys))
-
-    # -- KV cache events -----------------------------------------------------------
-
-    def _note_hashes(self, st: _Req, blocks: list[tuple[int, StoreEntry]], slots: list[int | None]) -> None:
-        hashes, lora = st.request.block_hashes, st.request.lora_request
-        for (i, entry), slot in zip(blocks, slots):
-            if slot is not None and len(entry.tokens) == self.T and i < len(hashes):  # vLLM hashes full blocks
-                self._announce[entry.key] = (hashes[i], hashes[i - 1] if i else None, entry.tokens, lora)
+                self.store.complete_store(job.keys)
+                self.stats.add("stored_blocks", len(job.keys))
 
     def take_events(self) -> list:
-        """BlockStored / BlockRemoved (medium CPU) for the full blocks this engine saved,
-        as they enter and leave kvplug's CPU tier, under vLLM's own block hashes (so a
-        KV-aware router sees them beside vLLM's GPU blocks). Blocks promoted from SSD
-        that this engine did not save (e.g. after a restart) are not announced."""
-        if self._announce is None:
-            return []
-        from vllm.distributed.kv_events import MEDIUM_CPU, BlockRemoved, BlockStored
-        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash as ext
-
-        out = []
-        for entered, key in self.store.take_events():
-            info = self._announce.get(key) if entered else self._announce.pop(key, None)
-            if info is None:
-                continue
-            block_hash, parent, tokens, lora = info
-            if entered:
-                out.append(BlockStored(block_hashes=[ext(block_hash)],
-                                       parent_block_hash=None if parent is None else ext(parent),
-                                       token_ids=tokens.tolist(), block_size=self.T,
-                                       lora_id=lora.adapter_id if lora else None, medium=MEDIUM_CPU,
-                                       lora_name=lora.name if lora else None))
-            else:
-                out.append(BlockRemoved(block_hashes=[ext(block_hash)], medium=MEDIUM_CPU))
-        return out
-
-    def _on_load_failed(self, req_id: str, block_ids: list[int]) -> None:
-        """vLLM recomputes from the first failed block: store those blocks again, and
-        never the ones this step computed on top of the bad KV."""
-        self.stats.add("load_failed_blocks", len(block_ids))
-        st = self._reqs.get(req_id)
-        if st is None:
-            return
-        st.poisoned |= st.saves
-        failed = [j for j, b in enumerate(st.loaded_ids) if b in set(block_ids)]
-        st.next_block = min(st.next_block, st.loaded_from + min(failed, default=0))
+        return [] if self._events is None else self._events.events(self.store.take_events())
 
     # -- finishing ----------------------------------------------------------------
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
         st = self._reqs.get(request.request_id)
-        if st is None:
+        if st is None or st.request is not request:
+            if st is None:
+                self._reqs.pop(request.request_id, None)  # an unkeyable request
             return False, None
-        self._drop_handle(st)
-        if self.config.store_partial_blocks and not st.poisoned:
+        if st.phase in (LoadPhase.PINNED, LoadPhase.PLANNED):
+            self._drop(st)
+        if self.config.store_partial_blocks and st.epoch == self.store.epoch:
             self._store_tail(st, block_ids)
-        if st.saves or st.loading is not None:
+        st.finished = True
+        if st.busy():
             # The worker still reads (saves) or writes (loads) these blocks: vLLM
             # frees them once the worker reports the request in finished_sending.
             self._release.append(request.request_id)
@@ -337,7 +278,7 @@ class SchedulerHalf:
         del self._reqs[request.request_id]
         return False, None
 
-    def _store_tail(self, st: _Req, block_ids: list[int]) -> None:
+    def _store_tail(self, st: RequestState, block_ids: list[int]) -> None:
         req = st.request
         computed = min(req.num_computed_tokens, req.num_tokens - 1)  # the last sampled token has no KV
         i, rest = divmod(computed, self.T)
@@ -347,6 +288,22 @@ class SchedulerHalf:
         if job is not None:
             self._tails.append(job)
 
+    # -- reset ------------------------------------------------------------------------
+
+    def reset_cache(self) -> bool:
+        """vLLM's reset_prefix_cache(reset_connector=True): a new epoch, every block dropped.
+        Refused (False) while a load is planned or in flight: it would land after the reset."""
+        if any(st is not None and st.phase in (LoadPhase.PLANNED, LoadPhase.LOADING) for st in self._reqs.values()):
+            log.warning("kvplug: reset_cache refused while loads are in flight; retry once they finish")
+            return False
+        for st in self._reqs.values():
+            if st is not None and st.phase is LoadPhase.PINNED:
+                self._drop(st)
+        self.store.reset()  # saves in flight are aborted when they complete (their epoch is old)
+        self.stats.add("resets")
+        log.info("kvplug: cache reset: a new epoch; nothing stored before is loaded again")
+        return True
+
     # -- helpers --------------------------------------------------------------------
 
     _kv_cache_manager = None
@@ -354,29 +311,35 @@ class SchedulerHalf:
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
         self._kv_cache_manager = kv_cache_manager  # block ids of requests, when vLLM offers none
 
-    def _state(self, request) -> _Req | None:
-        st = self._reqs.get(request.request_id)
-        if st is None:
-            if request.prompt_embeds is not None or request.mm_features:
-                return None  # the token ids do not say what the KV is
-            st = _Req(request, self._root(request), self.T)
-            self._reqs[request.request_id] = st
+    def _state(self, request, num_computed_tokens: int) -> RequestState | None:
+        req_id = request.request_id
+        st = self._reqs.get(req_id, False)
+        if st is not False and (st is None or st.request is request):
+            if st is None or st.epoch == self.store.epoch or num_computed_tokens or st.busy():
+                return st
+            # A request from before a reset (preempted by it) starts over: a state in this epoch.
+        # New, or an id vLLM reuses for another request: the old state lives on in its jobs.
+        try:
+            identity = request_identity(request)
+        except Unkeyable as why:
+            self._reqs[req_id] = None
+            self.stats.add("skipped_requests")
+            self.stats.add(f"skipped_{why}")
+            return None
+        epoch = self.store.epoch
+        st = RequestState(request, request_root(self.geo.root, epoch, identity), epoch, self.T)
+        self._reqs[req_id] = st
         return st
 
-    def _root(self, request) -> bytes:
-        """The key root, separated per LoRA adapter and per cache salt, as vLLM's prefix cache is."""
-        lora = request.lora_request.lora_name if request.lora_request else None
-        if lora is None and not request.cache_salt:
-            return self.geo.root
-        return xxhash.xxh3_128_digest(self.geo.root + repr((lora, request.cache_salt)).encode())
-
-    def _drop_handle(self, st: _Req) -> None:
+    def _drop(self, st: RequestState) -> None:
+        """Unpin a hit that will not be loaded."""
         if st.handle is not None:
             self.store.complete_load(st.handle)
-        st.handle, st.plan = None, None
+        st.move(LoadPhase.NONE)
 
     def shutdown(self) -> None:
         for st in self._reqs.values():
-            self._drop_handle(st)
+            if st is not None and st.phase in (LoadPhase.PINNED, LoadPhase.PLANNED):
+                self._drop(st)
         log.info("kvplug: store stats at shutdown: %s", self.store.stats())
         self.store.close()

@@ -28,6 +28,11 @@ COUNTERS = {
     "stored_blocks": "Blocks written into kvplug (new keys only)",
     "store_skipped_blocks": "Blocks not written: already stored, in flight, or no room",
     "aborted_blocks": "Stores abandoned: not written by the worker, or computed over a failed load",
+    "skipped_requests": "Requests kvplug neither stores nor loads: their KV is not determined by what it can key",
+    "skipped_prompt_embeds": "Requests skipped because they carry prompt embeddings",
+    "skipped_multimodal": "Requests skipped because they carry multimodal inputs",
+    "skipped_lora_unreadable": "Requests skipped because their LoRA adapter's files cannot be read here",
+    "resets": "Cache resets (reset_prefix_cache): a new epoch each, nothing stored before is loaded after",
     "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
     "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
 }

@@ -1,11 +1,18 @@
 """Worker half: moves bytes between vLLM's paged KV and the store's slab slots.
 
-It maps the slab the scheduler half's store created (by name, in shared
-memory) and decides nothing: the step's metadata says which blocks go to or
+It maps the slab the scheduler half's store created (named, with its
+instance nonce, in the step's metadata) and decides nothing: the step's metadata says which blocks go to or
 come from which slots, and ``kvplug.transfer.LayerPipeline`` moves them, layer
 by layer (a thread on CPU, side streams on CUDA), so layer i's attention only
 waits for layer i. A block that cannot be moved is reported: a failed load to
 vLLM, which recomputes it; a failed save to the scheduler half, which drops it.
+
+vLLM's runners ask for the step's results in different orders (the V1 mixin
+after ``wait_for_save``; with speculative decoding ``wait_for_save`` comes
+after ``get_finished`` / load errors / worker metadata): every answer is
+pulled from what has finished so far (``_collect``), and what finishes later
+is reported in a later step. A request is released (``get_finished``) only
+once none of its saves is still being written.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from kvplug.transfer import LayerPipeline
 
 from .cpu_layout import probe_block_strides
 from .geometry import Geometry
-from .metadata import KVPlugMetadata, KVPlugWorkerMetadata
+from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob
 from .stats import KVPlugStats
 
 log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and format
@@ -41,12 +48,16 @@ class WorkerHalf:
         self._views: list[torch.Tensor] = []   # per layer: paged_view [num_blocks, 2, T, H, D]
         self._slab: CPUTier | None = None
         self._pipe: LayerPipeline | None = None
-        self._saves: tuple[KVPlugMetadata, list[tuple[int, int]]] | None = None  # this step's (block, slot)s
+        self._meta: KVPlugMetadata | None = None  # the step begun last
+        self._saves: list[tuple[int, int]] = []   # this step's (block, slot)s to save
         self._saved_layers: set[int] = set()
-        self._load_owner: dict[int, str] = {}  # vLLM block -> request, for this step's loads
-        self._failed: dict[str, set[int]] = {}  # this step's failed loads: request -> vLLM blocks
+        self._loads: list[LoadJob] = []           # started, not collected
+        self._partial_failed: set[int] = set()    # failed blocks of partial loads run ahead of the step
+        self._open_saves: dict[int, str] = {}     # save job -> request, until written
+        self._sealed: list[int] = []              # save jobs every layer of which is written
+        self._release: set[str] = set()           # finished requests to report once their saves are done
+        self._errors: set[int] = set()            # failed vLLM blocks, for get_block_ids_with_load_errors
         self._out = KVPlugWorkerMetadata()
-        self._release: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.geo.layer_names if n not in kv_caches]
@@ -57,14 +68,15 @@ class WorkerHalf:
         strides = probe_block_strides(self.geo.layout) if first.device.type == "cpu" and first.dim() == 4 else None
         self._views = [paged_view(kv_caches[name], self.geo.layout, strides) for name in self.geo.layer_names]
 
-    def _attach(self) -> LayerPipeline:
-        # Lazily: the slab is created by the scheduler half, which vLLM builds
-        # after the workers registered their caches.
+    def _attach(self, meta: KVPlugMetadata) -> LayerPipeline:
+        # At the first step: the slab is created by the scheduler half, which vLLM
+        # builds after the workers registered their caches, and named in the metadata.
         if self._pipe is None:
+            name, nonce = meta.slab
             # Called inside vLLM's inference_mode: tensors made there could not be
             # written by the pipeline's threads, which run outside it.
             with torch.inference_mode(False):
-                self._slab = CPUTier.attach(self.geo.slab_name, self.geo.block_bytes, self.config.shm_dir)
+                self._slab = CPUTier.attach(name, self.geo.block_bytes, self.config.shm_dir, nonce=nonce)
                 shard = slice(self.rank * self.geo.shard_bytes, (self.rank + 1) * self.geo.shard_bytes)
                 cpus = transfer_cpus(self.config.transfer_cpus, self.geo.tp_size) if self._views[0].device.type == "cpu" else None
                 if cpus:
@@ -73,15 +85,31 @@ class WorkerHalf:
             self._out.attached = 1
         return self._pipe
 
+    def _begin(self, meta: KVPlugMetadata) -> LayerPipeline:
+        """Once per step, whichever hook vLLM calls first: take in the step's metadata."""
+        pipe = self._attach(meta)
+        if meta is not self._meta:
+            self._meta = meta
+            self._saves = [(b, s) for job in meta.saves for b, s in zip(job.block_ids, job.slots)]
+            self._saved_layers.clear()
+            self._open_saves.update((job.job_id, job.req_id) for job in meta.saves)
+            self._release.update(meta.release)
+        return pipe
+
     # -- loads -------------------------------------------------------------------
 
+    def handle_preemptions(self, meta: KVPlugMetadata) -> None:
+        """Saves of preempted requests finish before their blocks can be reused."""
+        if self._pipe is not None and set(meta.preempted) & set(self._open_saves.values()):
+            self._pipe.finish_saves()
+
     def start_load(self, meta: KVPlugMetadata) -> None:
-        pipe = self._attach()
+        pipe = self._begin(meta)
         if not meta.loads:
             return
         T = self.geo.block_tokens
         blocks = [(b, s, n) for job in meta.loads for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
-        self._load_owner = {b: job.req_id for job in meta.loads for b in job.block_ids}
+        self._loads += meta.loads
         self.stats.add("load_bytes", len(blocks) * self.geo.shard_bytes)
         if pipe.cuda:
             pipe.start_load(blocks)
@@ -92,66 +120,73 @@ class WorkerHalf:
         partial = [(b, s, T) for b, s, n in blocks if n < T]
         if partial:
             pipe.start_load(partial)
-            self._note_failed(pipe.finish_load())
+            self._partial_failed.update(pipe.finish_load())
         pipe.start_load([blk for blk in blocks if blk[2] == T])
 
     def wait_for_layer(self, layer_name: str) -> None:
-        if self._pipe is not None:
-            self._pipe.wait_layer(self._layer[layer_name])
-
-    def _note_failed(self, block_ids: list[int]) -> None:
-        for b in block_ids:
-            self._failed.setdefault(self._load_owner.get(b, ""), set()).add(b)
+        layer = self._layer.get(layer_name)  # layers outside kvplug's group (e.g. KV-sharing) are not moved
+        if self._pipe is not None and layer is not None:
+            self._pipe.wait_layer(layer)
 
     # -- saves -------------------------------------------------------------------
 
     def save_layer(self, layer_name: str, meta: KVPlugMetadata) -> None:
-        if meta.saves:
-            layer = self._layer[layer_name]
-            self._attach().save_layer(layer, self._save_blocks(meta))
+        layer = self._layer.get(layer_name)
+        if meta.saves and layer is not None:
+            self._begin(meta).save_layer(layer, self._saves)
             self._saved_layers.add(layer)
 
-    def _save_blocks(self, meta: KVPlugMetadata) -> list[tuple[int, int]]:
-        if self._saves is None or self._saves[0] is not meta:
-            self._saves = (meta, [(b, s) for job in meta.saves for b, s in zip(job.block_ids, job.slots)])
-        return self._saves[1]
-
     def wait_for_save(self, meta: KVPlugMetadata) -> None:
-        """End of the step: save the layers the forward pass did not (a step without
-        one saves every layer here), wait for every transfer, note what is done."""
-        pipe = self._attach()
+        """After the step's forward passes: save the layers the forward pass did not (a step
+        without one saves every layer here) and wait until the step's saves are written."""
+        pipe = self._begin(meta)
         if meta.saves:
             for layer in range(len(self._views)):
                 if layer not in self._saved_layers:
-                    pipe.save_layer(layer, self._save_blocks(meta))
-        self._saved_layers.clear()
+                    pipe.save_layer(layer, self._saves)
+        self._saved_layers = set(range(len(self._views)))
         unsaved = set(pipe.finish_saves())
-        self._note_failed(pipe.finish_load())
         for job in meta.saves:
-            self._out.saved[job.job_id] = 1
             if unsaved.intersection(job.block_ids):
                 self._out.unsaved.append(job.job_id)
+            self._sealed.append(job.job_id)
         self.stats.add("save_bytes", sum(len(job.block_ids) for job in meta.saves) * self.geo.shard_bytes)
-        for job in meta.loads:
-            self._out.loaded[job.req_id] = 1
-        for req_id, ids in self._failed.items():
-            self._out.failed[req_id] = sorted(ids)
-        self._release.update(meta.release)
-        self._saves = None
 
-    # -- step results ------------------------------------------------------------
+    # -- step results: pulled by vLLM, in whatever order its runner asks ------------
+
+    def _collect(self) -> None:
+        """Move what has finished into the step's answers. Idempotent; a load's failures are
+        taken before any save is reported, so a save computed over them is never reported first."""
+        if self._loads:
+            failed = set(self._pipe.finish_load()) | self._partial_failed
+            self._partial_failed = set()
+            for job in self._loads:
+                bad = sorted(failed.intersection(job.block_ids))
+                if bad:
+                    self._out.failed[job.job_id] = bad
+                    self._errors.update(bad)
+                self._out.done[job.job_id] = 1
+            self._loads = []
+        for job_id in self._sealed:
+            self._out.done[job_id] = 1
+            self._open_saves.pop(job_id, None)
+        self._sealed = []
 
     def get_finished(self) -> set[str]:
-        """Released requests: every save of theirs sent so far is done (saves finish within their step)."""
-        done, self._release = self._release, set()
+        """Released requests none of whose saves is still being written."""
+        self._collect()
+        busy = set(self._open_saves.values())
+        done = {r for r in self._release if r not in busy}
+        self._release -= done
         return done
 
     def load_errors(self) -> set[int]:
-        ids = {b for blocks in self._failed.values() for b in blocks}
-        self._failed, self._load_owner = {}, {}
-        return ids
+        self._collect()
+        errors, self._errors = self._errors, set()
+        return errors
 
     def take_worker_meta(self) -> KVPlugWorkerMetadata | None:
+        self._collect()
         out, self._out = self._out, KVPlugWorkerMetadata()
         return None if out.is_empty() else out
 

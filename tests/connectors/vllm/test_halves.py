@@ -39,8 +39,8 @@ class Engine:
         cfg = KVPlugConfig.from_dict({"cpu_bytes": "4MiB", "shm_dir": str(tmp_path), **config})
         codec = get_codec(cfg.codec, layout)
         root = fingerprint("m", layout.describe(), cfg.codec, world_size=tp)
-        self.geo = Geometry(layout, tuple(NAMES), codec, root, name, tp)
-        self.sched = SchedulerHalf(cfg, self.geo, kv_events=kv_events)
+        self.geo = Geometry(layout, tuple(NAMES), codec, root, tp)
+        self.sched = SchedulerHalf(cfg, self.geo, engine_id=name, kv_events=kv_events)
         # One worker per tensor-parallel rank, each with its own paged KV,
         # FlashInfer-style (num_blocks, 2, T, H, D): filled with what a forward pass would write.
         self.workers = [WorkerHalf(cfg, self.geo, rank) for rank in range(tp)]
