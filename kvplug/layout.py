@@ -4,7 +4,8 @@ vLLM has several physical KV layouts (K/V split in a leading dim of 2 or
 packed in the last dim, tokens before or after heads, permuted strides). The
 rest of kvplug never sees them: ``paged_view`` turns any of them into one
 logical strided view ``[num_blocks, 2 (K, V), block_tokens, kv_heads,
-head_size]`` over the same memory, from the tensor's shape and strides.
+head_size]`` over the same memory, from the tensor's shape and strides and
+what the caller says it holds (vLLM's 4-D GPU views: ``kvplug.paged_views``).
 
 A stored block holds every layer of one block of tokens, layer-major, so that
 one layer is a contiguous slice and can move on its own.
@@ -15,6 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+
+from kvplug.paged_views import KV_LAST, gpu_paged_view, unrecognised
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -214,44 +217,54 @@ def copy_tokens(view: torch.Tensor | SplitKV, block_id: int, src: torch.Tensor, 
         view[block_id, :, :n].copy_(src[:, :n])
 
 
-def paged_view(kv: torch.Tensor, layout: KVLayout, cpu_strides: BlockStrides | None = None) -> torch.Tensor | SplitKV:
+def paged_view(kv: torch.Tensor, layout: KVLayout, cpu_strides: BlockStrides | None = None, *,
+               kv_format: str = KV_LAST) -> torch.Tensor | SplitKV:
     """A view ``[num_blocks, 2, block_tokens, kv_heads, head_size]`` of one layer's paged KV.
 
-    Accepted (vLLM's backends):
-      5-D ``(2, num_blocks, T, H, D)``      K/V split first (FlashAttention-style)
-      5-D ``(num_blocks, 2, T, H, D)``      K/V split second (FlashInfer, Triton)
-      4-D ``(num_blocks, H, T, 2*D)``       CPU backend, contiguous per block: K and V
-                                            where ``cpu_strides`` says (default: per
-                                            head all K tokens then all V, ``[T, D]`` each)
+    Accepted:
+      5-D ``(2, num_blocks, T, H, D)``    K/V split first (FlashAttention-style, before vLLM 0.32)
+      5-D ``(num_blocks, 2, T, H, D)``    K/V split second (FlashInfer, Triton, before vLLM 0.32)
+      4-D, ``cpu_strides`` given:         vLLM's CPU backend ``(num_blocks, H, T, 2*D)``, each
+                                          block contiguous, K and V where ``cpu_strides`` says
+                                          (probed: connectors/vllm/cpu_layout.py)
+      4-D, no ``cpu_strides``:            vLLM's GPU runner view in ``kv_format`` (kv_last:
+                                          ``(num_blocks, H, T, 2*D)``, K then V in the last dim;
+                                          kv_planes: ``(num_blocks, 2, T, H*D)``), any
+                                          KVCacheLayout strides, manager or kernel blocks
+                                          (kvplug.paged_views)
     with any strides (HND/NHD physical permutations are read from the strides).
-    When K and V have different strides the result is a SplitKV, not a tensor.
+    The CPU backend's tensor and the kv_last view have the same shape: the
+    caller, who knows which backend made it, passes ``cpu_strides`` for the CPU
+    one only. When K and V have different strides the result is a SplitKV, not a tensor.
     """
     T, H, D = layout.block_tokens, layout.num_kv_heads, layout.head_size
     if kv.dtype != layout.torch_dtype:
         raise ValueError(f"paged KV has dtype {kv.dtype}, layout expects {layout.torch_dtype}")
     shape, st = tuple(kv.shape), kv.stride()
     if kv.dim() == 5 and shape[0] == 2 and shape[2:] == (T, H, D):
-        view = kv.permute(1, 0, 2, 3, 4)
-    elif kv.dim() == 5 and shape[1] == 2 and shape[2:] == (T, H, D):
-        view = kv
-    elif kv.dim() == 4 and shape[1:] == (H, T, 2 * D) and kv[0].is_contiguous():
-        nb, bs = shape[0], cpu_strides or BlockStrides.plain(T, H, D)
-        k, v = bs.k, bs.v
-        base = kv.storage_offset()
-        if k[1:] == v[1:]:
-            view = kv.as_strided((nb, 2, T, H, D), (st[0], v[0] - k[0], *k[1:]), base + k[0])
-        else:
-            view = SplitKV(kv.as_strided((nb, T, H, D), (st[0], *k[1:]), base + k[0]),
-                           kv.as_strided((nb, T, H, D), (st[0], *v[1:]), base + v[0]),
-                           kv.as_strided((nb, H * T * 2 * D), (st[0], 1), base))
-    else:
+        return kv.permute(1, 0, 2, 3, 4)
+    if kv.dim() == 5 and shape[1] == 2 and shape[2:] == (T, H, D):
+        return kv
+    if kv.dim() != 4:
+        raise ValueError(unrecognised(kv, layout, None if cpu_strides else kv_format))
+    if cpu_strides is None:
+        return gpu_paged_view(kv, layout, kv_format)
+    if shape[1:] != (H, T, 2 * D):
+        raise ValueError(unrecognised(kv, layout, None))
+    if not kv[0].is_contiguous():
+        # cpu_strides place K and V inside one dense block: any other strides would be misread
         raise ValueError(
-            f"unrecognised paged KV shape {shape} (strides {st}) for layout "
-            f"block_tokens={T}, kv_heads={H}, head_size={D}; expected (2, blocks, {T}, {H}, {D}), "
-            f"(blocks, 2, {T}, {H}, {D}) or (blocks, {H}, {T}, {2 * D}). "
-            "MLA and other single-tensor latent caches are not supported."
+            f"paged KV of shape {shape} has strides {st}: not one contiguous run per block, as vLLM's CPU "
+            f"backend keeps it (block strides ({H * T * 2 * D} or more, {T * 2 * D}, {2 * D}, 1)), so "
+            "cpu_strides cannot place K and V in it. A GPU runner's view is read without cpu_strides."
         )
-    return view
+    nb, k, v = shape[0], cpu_strides.k, cpu_strides.v
+    base = kv.storage_offset()
+    if k[1:] == v[1:]:
+        return kv.as_strided((nb, 2, T, H, D), (st[0], v[0] - k[0], *k[1:]), base + k[0])
+    return SplitKV(kv.as_strided((nb, T, H, D), (st[0], *k[1:]), base + k[0]),
+                   kv.as_strided((nb, T, H, D), (st[0], *v[1:]), base + v[0]),
+                   kv.as_strided((nb, H * T * 2 * D), (st[0], 1), base))
 
 
 def layout_from_paged(kv: torch.Tensor, num_layers: int, num_kv_heads: int, head_size: int, block_tokens: int) -> KVLayout:

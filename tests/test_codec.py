@@ -5,7 +5,7 @@ import torch
 
 from kvplug import codec_reference as ref
 from kvplug.codec import get_codec
-from kvplug.layout import KVLayout, paged_view
+from kvplug.layout import BlockStrides, KVLayout, paged_view
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -15,11 +15,13 @@ def paged(kind, nb, lay, seed=0):
     g = torch.Generator().manual_seed(seed)
     t, h, d = lay.block_tokens, lay.num_kv_heads, lay.head_size
     shape = {"2_nb": (2, nb, t, h, d), "nb_2": (nb, 2, t, h, d), "cpu_packed": (nb, h, t, 2 * d),
-             "nb_2_hnd": (nb, 2, h, t, d)}[kind]
+             "nb_2_hnd": (nb, 2, h, t, d), "gpu_nhd": (nb, t, h, 2 * d)}[kind]
     kv = torch.randn(shape, generator=g).to(lay.torch_dtype)
     if kind == "nb_2_hnd":
         kv = kv.permute(0, 1, 3, 2, 4)
-    return kv, paged_view(kv, lay)
+    if kind == "gpu_nhd":  # vLLM's [B, H, N, 2D] view of its default LBNHC layout
+        kv = kv.transpose(1, 2)
+    return kv, paged_view(kv, lay, BlockStrides.plain(t, h, d) if kind == "cpu_packed" else None)
 
 
 def test_sizes_and_compression():
@@ -51,7 +53,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("kind", ["2_nb", "nb_2", "cpu_packed", "nb_2_hnd"])
+@pytest.mark.parametrize("kind", ["2_nb", "nb_2", "cpu_packed", "nb_2_hnd", "gpu_nhd"])
 def test_raw_round_trip_bit_exact(kind, dtype):
     lay = KVLayout(2, 2, 64, 8, dtype)
     codec = get_codec("raw", lay)
@@ -70,7 +72,7 @@ def test_raw_round_trip_bit_exact(kind, dtype):
 
 
 @pytest.mark.parametrize("d,group", [(64, 0), (80, 0), (128, 0), (128, 32), (256, 0)])
-@pytest.mark.parametrize("kind", ["nb_2", "cpu_packed"])
+@pytest.mark.parametrize("kind", ["nb_2", "cpu_packed", "gpu_nhd"])
 def test_int4h_round_trip_error(kind, d, group):
     lay = KVLayout(2, 2, d, 4)
     codec = get_codec("int4h", lay, group)

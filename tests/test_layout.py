@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvplug.layout import KVLayout, layout_from_paged, paged_view
+from kvplug.layout import BlockStrides, KVLayout, layout_from_paged, paged_view
 
 L = KVLayout(num_layers=2, num_kv_heads=3, head_size=4, block_tokens=5, dtype="float32")
 NB = 6
@@ -43,11 +43,11 @@ def test_cpu_packed_layout():
     # all K tokens, then all V tokens (cpu_attn: view(nb, H, 2T, D).chunk(2, dim=2)).
     kv = torch.cat([ref[:, 0].permute(0, 2, 1, 3), ref[:, 1].permute(0, 2, 1, 3)], dim=2).contiguous()
     kv = kv.view(NB, 3, 5, 2 * 4)
-    assert torch.equal(paged_view(kv, L), ref)
+    assert torch.equal(paged_view(kv, L, BlockStrides.plain(5, 3, 4)), ref)
     k_cache, v_cache = kv.view(NB, 3, 10, 4).chunk(2, dim=2)  # exactly what vLLM attends over
     assert torch.equal(k_cache, ref[:, 0].permute(0, 2, 1, 3))
     assert torch.equal(v_cache, ref[:, 1].permute(0, 2, 1, 3))
-    view = paged_view(kv, L)
+    view = paged_view(kv, L, BlockStrides.plain(5, 3, 4))
     view[1, 1, 2, 0, 3] = -1.0  # a view, not a copy
     assert v_cache[1, 0, 2, 3] == -1.0
 
@@ -125,7 +125,7 @@ def test_gather_and_scatter_blocks_match_index_select_and_copy(kind):
         kv = torch.arange(n, dtype=torch.float32).view(nb, H, T, 2 * D)
         view = paged_view(kv, lay, BlockStrides(k=(0, 1, 2 * T * D, T), v=(T * D, D, 2 * T * D, 1)))
     elif kind == "cpu_plain":
-        view = paged_view(torch.arange(n, dtype=torch.float32).view(nb, H, T, 2 * D), lay)
+        view = paged_view(torch.arange(n, dtype=torch.float32).view(nb, H, T, 2 * D), lay, BlockStrides.plain(T, H, D))
     elif kind == "kv_first":
         view = paged_view(torch.arange(n, dtype=torch.float32).view(2, nb, T, H, D), lay)
     else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvplug.codec import get_codec
-from kvplug.layout import KVLayout, paged_view
+from kvplug.layout import BlockStrides, KVLayout, paged_view
 from kvplug.tiers.cpu import CPUTier
 from kvplug.tiers.slots import slot_stride
 from kvplug.transfer import LayerPipeline
@@ -25,7 +25,8 @@ def make_views(kind, lay, nb, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = SHAPES[kind](nb, lay.block_tokens, lay.num_kv_heads, lay.head_size)
     caches = [torch.randn(shape, generator=g).to(lay.torch_dtype).to(device) for _ in range(lay.num_layers)]
-    return caches, [paged_view(c, lay) for c in caches]
+    cpu = BlockStrides.plain(lay.block_tokens, lay.num_kv_heads, lay.head_size) if kind == "cpu_packed" else None
+    return caches, [paged_view(c, lay, cpu) for c in caches]
 
 
 def slab_for(codec, num_slots, pin=False):

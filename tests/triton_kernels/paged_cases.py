@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from kvplug.layout import KVLayout, paged_view
+from kvplug.layout import BlockStrides, KVLayout, paged_view
 
-LAYOUTS = ("2_nb", "nb_2", "cpu_packed", "nb_2_hnd")
+LAYOUTS = ("2_nb", "nb_2", "cpu_packed", "nb_2_hnd", "gpu_nhd")
 
 
 def make_paged(kind: str, nb: int, t: int, h: int, d: int, dtype=torch.bfloat16, seed: int = 0):
@@ -23,11 +23,13 @@ def make_paged(kind: str, nb: int, t: int, h: int, d: int, dtype=torch.bfloat16,
         kv = torch.randn(nb, h, t, 2 * d, generator=g)
     elif kind == "nb_2_hnd":  # HND physical order: heads before tokens in memory
         kv = torch.randn(nb, 2, h, t, d, generator=g).permute(0, 1, 3, 2, 4)
+    elif kind == "gpu_nhd":  # vLLM 0.32's [B, H, N, 2D] view of its default LBNHC layout
+        kv = torch.randn(nb, t, h, 2 * d, generator=g).transpose(1, 2)
     else:
         raise ValueError(kind)
     kv = kv.to(dtype)
     layout = KVLayout(1, h, d, t, {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype])
-    return layout, kv, paged_view(kv, layout)
+    return layout, kv, paged_view(kv, layout, BlockStrides.plain(t, h, d) if kind == "cpu_packed" else None)
 
 
 def nan_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
