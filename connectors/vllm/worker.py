@@ -25,17 +25,22 @@ import torch
 from kvplug.config import ConfigError, KVPlugConfig, parse_cpu_list
 from kvplug.layout import paged_view
 from kvplug.tiers.cpu import CPUTier
-from kvplug.transfer import LayerPipeline
+from kvplug.transfer import LayerPipeline, SaveTicket
 
 from .cpu_layout import probe_block_strides
 from .geometry import Geometry
-from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob
+from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
 from .stats import KVPlugStats
 
 log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and format
 
 
 class WorkerHalf:
+    # Saves on vLLM's CPU backend end with their step (its runner is synchronous; the
+    # transfer thread already overlaps the forward pass layer by layer). On CUDA they
+    # complete asynchronously, polled through tickets: no host sync in the step.
+    async_cpu_saves = False
+
     def __init__(self, config: KVPlugConfig, geo: Geometry, rank: int = 0):
         if not config.shared_memory:
             raise ValueError("kvplug config: shared_memory=False is not accepted by the vLLM connector; "
@@ -54,7 +59,7 @@ class WorkerHalf:
         self._loads: list[LoadJob] = []           # started, not collected
         self._partial_failed: set[int] = set()    # failed blocks of partial loads run ahead of the step
         self._open_saves: dict[int, str] = {}     # save job -> request, until written
-        self._sealed: list[int] = []              # save jobs every layer of which is written
+        self._sealed: list[tuple[SaveTicket, list[SaveJob]]] = []  # issued saves, polled until written
         self._release: set[str] = set()           # finished requests to report once their saves are done
         self._errors: set[int] = set()            # failed vLLM blocks, for get_block_ids_with_load_errors
         self._out = KVPlugWorkerMetadata()
@@ -100,8 +105,12 @@ class WorkerHalf:
 
     def handle_preemptions(self, meta: KVPlugMetadata) -> None:
         """Saves of preempted requests finish before their blocks can be reused."""
-        if self._pipe is not None and set(meta.preempted) & set(self._open_saves.values()):
-            self._pipe.finish_saves()
+        if set(meta.preempted) & set(self._open_saves.values()):
+            for ticket, _ in self._sealed:
+                for fut in ticket.futures:
+                    fut.result()
+                if ticket.event is not None:
+                    ticket.event.synchronize()
 
     def start_load(self, meta: KVPlugMetadata) -> None:
         pipe = self._begin(meta)
@@ -145,11 +154,12 @@ class WorkerHalf:
                 if layer not in self._saved_layers:
                     pipe.save_layer(layer, self._saves)
         self._saved_layers = set(range(len(self._views)))
-        unsaved = set(pipe.finish_saves())
-        for job in meta.saves:
-            if unsaved.intersection(job.block_ids):
-                self._out.unsaved.append(job.job_id)
-            self._sealed.append(job.job_id)
+        if meta.saves:
+            ticket = pipe.seal_saves({b for job in meta.saves for b in job.block_ids})
+            if not (pipe.cuda or self.async_cpu_saves):
+                for fut in ticket.futures:  # vLLM's CPU runner is synchronous: the step ends written
+                    fut.result()
+            self._sealed.append((ticket, meta.saves))
         self.stats.add("save_bytes", sum(len(job.block_ids) for job in meta.saves) * self.geo.shard_bytes)
 
     # -- step results: pulled by vLLM, in whatever order its runner asks ------------
@@ -167,10 +177,14 @@ class WorkerHalf:
                     self._errors.update(bad)
                 self._out.done[job.job_id] = 1
             self._loads = []
-        for job_id in self._sealed:
-            self._out.done[job_id] = 1
-            self._open_saves.pop(job_id, None)
-        self._sealed = []
+        while self._sealed and self._sealed[0][0].done():  # in order: tickets complete in FIFO order
+            ticket, jobs = self._sealed.pop(0)
+            unsaved = self._pipe.failed_saves(ticket)
+            for job in jobs:
+                if unsaved.intersection(job.block_ids):
+                    self._out.unsaved.append(job.job_id)
+                self._out.done[job.job_id] = 1
+                self._open_saves.pop(job.job_id, None)
 
     def get_finished(self) -> set[str]:
         """Released requests none of whose saves is still being written."""
