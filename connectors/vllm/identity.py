@@ -5,8 +5,8 @@ Two digests decide whether a block may be loaded for a request:
 - ``model_fingerprint`` (per engine): everything that determines the KV bytes
   of a token sequence for the base model: vLLM's model config hash, the model's
   HF config (RoPE scaling and other ``hf_overrides`` land there), a cheap
-  digest of the weight files (size, mtime and the first bytes of each, so a
-  checkpoint rewritten in place is another model), quantization, KV cache
+  digest of the weight files (size, mtime, ctime, inode and the first 64 KiB
+  of each, so a checkpoint rewritten in place is another model; no full read), quantization, KV cache
   dtype, block size, the parallel split, kvplug's layout, codec and format.
   It is the store's fingerprint: an SSD tier written under another one is
   never read.
@@ -58,7 +58,7 @@ def model_fingerprint(vllm_config, layout_desc: dict, codec_desc: dict, codec: s
 
 
 def weights_digest(model: str, revision: str | None = None) -> str:
-    """Size, mtime and the first ``HEAD_BYTES`` of every weight and config file of a local
+    """Stat and the first ``HEAD_BYTES`` of every weight and config file of a local
     model directory (or of its local Hugging Face snapshot); "unresolved:<name>" when
     neither is on this machine (the revision, in the fingerprint too, then stands for it)."""
     path = model if os.path.isdir(model) else _hf_snapshot(model, revision)
@@ -83,14 +83,16 @@ def _files_digest(path: str, suffixes: tuple[str, ...]) -> str:
         if not name.endswith(suffixes) or not os.path.isfile(full):
             continue
         st = os.stat(full)
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        h.update(_head(full, st.st_size, st.st_mtime_ns))
+        # ctime and inode too: a rewrite that restores the old mtime still moves the ctime
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        h.update(f"{name}\0{stamp}\0".encode())
+        h.update(_head(full, stamp))
     return h.hexdigest()
 
 
 @lru_cache(maxsize=256)
-def _head(path: str, size: int, mtime_ns: int) -> bytes:
-    """The first bytes of a file (cached by size and mtime: a request must not reread them)."""
+def _head(path: str, stamp: tuple) -> bytes:
+    """A digest of a file's first bytes (cached by its stat: a request must not reread them)."""
     with open(path, "rb") as f:
         return xxhash.xxh3_128_digest(f.read(HEAD_BYTES))
 
