@@ -32,7 +32,6 @@ directory) and drops every block, so nothing stored before is loaded after.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import os
 import secrets
@@ -53,13 +52,14 @@ from kvplug.index import PrefixIndex
 from kvplug.keys import tokens_array
 from kvplug.layout import KVLayout
 from kvplug.store_counters import StoreCounters
+from kvplug.store_ssd import SSDTransfers
 from kvplug.tiers.base import BackingTier
 from kvplug.tiers.cpu import CPUTier
 
 log = logging.getLogger("kvplug")
 
 
-class TieredStore:
+class TieredStore(SSDTransfers):
     def __init__(self, config: KVPlugConfig, layout: KVLayout, block_bytes: int, fingerprint: bytes,
                  name: str | None = None, *, ssd: BackingTier | None = None, events: bool = False):
         """``name``: the shared-memory slab's name (a unique one is made if None);
@@ -326,62 +326,6 @@ class TieredStore:
         if block is None or not block.visible:
             self._index.remove(key)
 
-    # -- SSD transfers ------------------------------------------------------------
-
-    def _queue_write(self, key: bytes, jobs: list) -> None:
-        # Caller holds the lock. A full queue drops the write: never block the caller.
-        if len(self._writing) >= self.config.write_queue_blocks:
-            self._stats["writes_dropped"] += 1
-            return
-        self._writing.add(key)
-        self._resident[key].pin()
-        self._stats["writes_queued"] += 1
-        parent, tokens = self._index.entry(key)
-        data = self.cpu.slot_view(self._resident[key].slot)  # the whole slot: room for the SSD header
-        jobs.append(partial(self._submit, self.ssd.write, (key, parent, tokens, data), partial(self._write_done, key)))
-
-    def _run(self, jobs: list[Callable[[], None]]) -> None:
-        for job in jobs:
-            job()
-
-    @staticmethod
-    def _submit(start: Callable[..., cf.Future], args: tuple, done: Callable[[cf.Future], None]) -> None:
-        try:
-            future = start(*args)
-        except Exception as e:
-            future = _failed(e)
-        future.add_done_callback(done)
-
-    def _write_done(self, key: bytes, future: cf.Future) -> None:
-        ok = _succeeded(future, "write")
-        with self._lock:
-            self._writing.discard(key)
-            self._stats["writes_done" if ok else "writes_failed"] += 1
-            if ok:
-                self._on_ssd.add(key)
-            self._unpin(key)
-            self._idle.notify_all()
-
-    def _read_done(self, key: bytes, future: cf.Future) -> None:
-        ok = _succeeded(future, "read")
-        with self._lock:
-            waiting = self._reading.pop(key)
-            block = self._resident[key]
-            if ok:
-                block.move(BlockState.VISIBLE)
-                if self._events is not None:
-                    self._events.append((True, key))
-                self._policy.insert(key)
-                self._stats["promotions"] += 1
-            else:  # corrupt, foreign, I/O error or evicted by the SSD tier: gone
-                self._stats["promotion_failures"] += 1
-                block.move(BlockState.FAILED)
-                self._forget_ssd_copy(key)
-            self._unpin(key)
-            self._idle.notify_all()
-        for handle, i in waiting:
-            handle._read_done(i, ok)
-
     # -- reset ------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -427,13 +371,6 @@ class TieredStore:
             events, self._events = self._events, []
         return events
 
-    def flush(self) -> None:
-        """Wait until every queued SSD write has finished."""
-        with self._idle:
-            self._idle.wait_for(lambda: not self._writing)
-        if self.ssd is not None:
-            self.ssd.flush()
-
     def close(self) -> None:
         """Finish SSD transfers, close the tiers, remove the shared-memory slab."""
         if self._closed:
@@ -462,17 +399,3 @@ def _copy_into(dst: torch.Tensor, data) -> None:
     if src.size != dst.numel():
         raise ValueError(f"a block is {dst.numel()} bytes, got {src.size}")
     np.copyto(dst.numpy(), src)
-
-
-def _failed(error: Exception) -> cf.Future:
-    future: cf.Future = cf.Future()
-    future.set_exception(error)
-    return future
-
-
-def _succeeded(future: cf.Future, what: str) -> bool:
-    error = future.exception()
-    if error is not None:
-        log.warning("kvplug store: SSD %s failed: %r", what, error)
-        return False
-    return bool(future.result())
