@@ -31,6 +31,7 @@ from kvplug.config import KVPlugConfig
 from kvplug.layout import DTYPES, KVLayout
 
 from .identity import model_fingerprint
+from .layout_check import kv_format_of
 
 # Speculative methods that propose tokens without a KV cache of their own: the
 # target's KV (all kvplug stores) is the same as without them.
@@ -43,7 +44,10 @@ class Geometry:
     layer_names: tuple[str, ...]  # layer i of a stored block is layer_names[i]
     codec: Codec
     root: bytes                   # fingerprint: the store's, and the base of every request's root
-    tp_size: int = 1              # tensor-parallel ranks, each with its shard of a stored block
+    tp_size: int = 1
+    kv_format: str = "kv_last"    # how vLLM's 4-D GPU views pack K and V (layout_check.kv_format_of)
+    vllm_layout: str | None = None  # vLLM's KVCacheLayout name, for messages
+    cpu_backend: bool = False     # vLLM's CPU backend: its own 4-D layout, probed (cpu_layout.py)              # tensor-parallel ranks, each with its shard of a stored block
 
     @property
     def block_tokens(self) -> int:
@@ -98,4 +102,8 @@ def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
                       head_size=spec.head_size, block_tokens=spec.block_size, dtype=dtype)
     codec = get_codec(config.codec, layout, config.int4h_group)
     root = model_fingerprint(vllm_config, layout.describe(), codec.describe(), config.codec, tp)
-    return Geometry(layout, tuple(groups[0].layer_names), codec, root, tp)
+    kv_format = kv_format_of(spec) if hasattr(spec, "num_head_slots") else "kv_last"
+    vllm_layout = getattr(getattr(vllm_config, "cache_config", None), "kv_cache_layout", None)
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    return Geometry(layout, tuple(groups[0].layer_names), codec, root, tp, kv_format,
+                    None if vllm_layout is None else str(vllm_layout), cpu_backend=device == "cpu")

@@ -28,6 +28,7 @@ from kvplug.tiers.cpu import CPUTier
 from kvplug.transfer import LayerPipeline, SaveTicket
 
 from .cpu_layout import probe_block_strides
+from .layout_check import self_check
 from .geometry import Geometry
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
 from .stats import KVPlugStats
@@ -69,9 +70,15 @@ class WorkerHalf:
         if missing:
             raise ValueError(f"kvplug: vLLM registered no KV cache for layers {missing[:3]}...")
         # paged_view raises with a clear message when a tensor does not fit the layout.
-        first = kv_caches[self.geo.layer_names[0]]
-        strides = probe_block_strides(self.geo.layout) if first.device.type == "cpu" and first.dim() == 4 else None
-        self._views = [paged_view(kv_caches[name], self.geo.layout, strides) for name in self.geo.layer_names]
+        geo = self.geo
+        strides = probe_block_strides(geo.layout) if geo.cpu_backend else None
+        mine = {name: kv_caches[name] for name in geo.layer_names}
+        self._views = [paged_view(kv, geo.layout, strides, kv_format=geo.kv_format) for kv in mine.values()]
+        # Probe, never assume: tagged values written through vLLM's own view come back through
+        # kvplug's, and the codecs' round trips and partial loads touch only their tokens, or
+        # kvplug refuses to start (it also compiles the kernels now, not in the first transfer).
+        self_check(mine, geo.layout, kv_format=geo.kv_format, cpu_strides=strides, codec=geo.codec,
+                   vllm_layout=geo.vllm_layout)
 
     def _attach(self, meta: KVPlugMetadata) -> LayerPipeline:
         # At the first step: the slab is created by the scheduler half, which vLLM

@@ -41,13 +41,16 @@ class Engine:
         root = fingerprint("m", layout.describe(), cfg.codec, world_size=tp)
         self.geo = Geometry(layout, tuple(NAMES), codec, root, tp)
         self.sched = SchedulerHalf(cfg, self.geo, engine_id=name, kv_events=kv_events)
-        # One worker per tensor-parallel rank, each with its own paged KV,
-        # FlashInfer-style (num_blocks, 2, T, H, D): filled with what a forward pass would write.
+        # One worker per tensor-parallel rank, each with its own paged KV as vLLM 0.32's GPU
+        # runner hands it (a [B, H, N, 2D] view, default layout LBNHC); the forward pass
+        # writes through the attention backends' split of it: [B, 2 (K, V), N, H, D].
         self.workers = [WorkerHalf(cfg, self.geo, rank) for rank in range(tp)]
-        self.kvs = [{n: torch.zeros(NUM_BLOCKS, 2, T, H, D, dtype=torch.bfloat16, device=device) for n in NAMES}
-                    for _ in range(tp)]
-        for worker, kv in zip(self.workers, self.kvs):
-            worker.register_kv_caches(kv)
+        bases = [{n: torch.zeros(NUM_BLOCKS, T, H, 2 * D, dtype=torch.bfloat16, device=device) for n in NAMES}
+                 for _ in range(tp)]
+        self.kvs = [{n: b.as_strided((NUM_BLOCKS, 2, T, H, D), (T * H * 2 * D, D, H * 2 * D, 2 * D, 1))
+                     for n, b in kv.items()} for kv in bases]
+        for worker, kv in zip(self.workers, bases):
+            worker.register_kv_caches({n: b.permute(0, 2, 1, 3) for n, b in kv.items()})
         self.worker, self.kv = self.workers[0], self.kvs[0]
         self.reporting = set(range(tp))  # ranks whose step results reach the scheduler half
         self.blocks: dict[str, list[int]] = {}
