@@ -20,6 +20,7 @@ from kvplug.connectors.vllm.scheduler import SchedulerHalf
 from kvplug.connectors.vllm.worker import WorkerHalf
 from kvplug.keys import fingerprint
 from kvplug.layout import KVLayout
+from vllm_caches import vllm_caches
 
 T, H, D, LAYERS, NUM_BLOCKS = 16, 2, 8, 2, 32
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -34,7 +35,7 @@ class FakeRequest(SimpleNamespace):
 class Engine:
     """Both halves plus a fake paged KV cache and a trivial block allocator."""
 
-    def __init__(self, tmp_path, name="slab", device="cpu", tp=1, kv_events=False, **config):
+    def __init__(self, tmp_path, name="slab", device="cpu", tp=1, kv_events=False, vllm_layout="LBNHC", **config):
         layout = KVLayout(LAYERS, H, D, T, "bfloat16")  # H: one rank's heads
         cfg = KVPlugConfig.from_dict({"cpu_bytes": "4MiB", "shm_dir": str(tmp_path), **config})
         codec = get_codec(cfg.codec, layout)
@@ -42,15 +43,16 @@ class Engine:
         self.geo = Geometry(layout, tuple(NAMES), codec, root, tp)
         self.sched = SchedulerHalf(cfg, self.geo, engine_id=name, kv_events=kv_events)
         # One worker per tensor-parallel rank, each with its own paged KV as vLLM 0.32's GPU
-        # runner hands it (a [B, H, N, 2D] view, default layout LBNHC); the forward pass
-        # writes through the attention backends' split of it: [B, 2 (K, V), N, H, D].
+        # runner hands it: [B, H, N, 2D] views made by vLLM's allocate_kv_cache for a
+        # KVCacheLayout (default LBNHC). The forward pass writes through the attention
+        # backends' split of it (K = [..., :D], V = [..., D:]), here as one [B, 2, N, H, D] view.
         self.workers = [WorkerHalf(cfg, self.geo, rank) for rank in range(tp)]
-        bases = [{n: torch.zeros(NUM_BLOCKS, T, H, 2 * D, dtype=torch.bfloat16, device=device) for n in NAMES}
-                 for _ in range(tp)]
-        self.kvs = [{n: b.as_strided((NUM_BLOCKS, 2, T, H, D), (T * H * 2 * D, D, H * 2 * D, 2 * D, 1))
-                     for n, b in kv.items()} for kv in bases]
-        for worker, kv in zip(self.workers, bases):
-            worker.register_kv_caches({n: b.permute(0, 2, 1, 3) for n, b in kv.items()})
+        self.caches = [{n: kv for n, kv in zip(NAMES, vllm_caches(vllm_layout, heads=H, head_size=D, block_size=T,
+                                                                  num_blocks=NUM_BLOCKS, num_layers=LAYERS,
+                                                                  device=device).values())} for _ in range(tp)]
+        self.kvs = [{n: backend_view(kv) for n, kv in caches.items()} for caches in self.caches]
+        for worker, caches in zip(self.workers, self.caches):
+            worker.register_kv_caches(caches)
         self.worker, self.kv = self.workers[0], self.kvs[0]
         self.reporting = set(range(tp))  # ranks whose step results reach the scheduler half
         self.blocks: dict[str, list[int]] = {}
@@ -117,6 +119,13 @@ class Engine:
         for worker in self.workers:
             worker.shutdown()
         self.sched.shutdown()
+
+
+def backend_view(kv: torch.Tensor) -> torch.Tensor:
+    """vLLM's [B, H, N, 2D] view as [B, 2 (K, V), N, H, D]: what flash_attn's
+    ``kv.transpose(1, 2).split(D, -1)`` reads, over the same memory."""
+    sb, sh, sn, sd = kv.stride()
+    return kv.as_strided((kv.shape[0], 2, T, H, D), (sb, D * sd, sn, sh, sd), kv.storage_offset())
 
 
 def fake_block_hashes(tokens: list[int]) -> list[bytes]:
