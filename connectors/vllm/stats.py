@@ -33,6 +33,7 @@ COUNTERS = {
     "skipped_multimodal": "Requests skipped because they carry multimodal inputs",
     "skipped_lora_unreadable": "Requests skipped because their LoRA adapter's files cannot be read here",
     "resets": "Cache resets (reset_prefix_cache): a new epoch each, nothing stored before is loaded after",
+    "slab_unpinned": "Workers whose CPU slab could not be page-locked (GPU transfers fall back to the host transport)",
     "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
     "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
 }

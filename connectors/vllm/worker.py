@@ -94,6 +94,11 @@ class WorkerHalf:
                 if cpus:
                     log.info("kvplug: transfer thread on CPUs %s (transfer_cpus=%s)", sorted(cpus), self.config.transfer_cpus)
                 self._pipe = LayerPipeline(self.geo.codec, self._views, self._slab.buffer[:, shard], cpus=cpus)
+            if self._pipe.cuda:
+                log.info("kvplug: slab %s, transport %s", "page-locked" if self._slab.pinned else "NOT page-locked",
+                         self._pipe.transport)
+                if not self._slab.pinned:
+                    self.stats.add("slab_unpinned")
             self._out.attached = 1
         return self._pipe
 

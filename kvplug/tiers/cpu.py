@@ -236,7 +236,8 @@ def _pin(buffer: torch.Tensor) -> bool:
     # The refusal (e.g. a file mapping outside tmpfs) stays as CUDA's sticky
     # "last error" and would fail the next unrelated CUDA call: clear it.
     _clear_cuda_error()
-    log.info("kvplug CPU tier: slab not pinned (cudaHostRegister: %s); copies will be slower", err)
+    log.warning("kvplug CPU tier: slab not page-locked (cudaHostRegister returned %s); transfers fall back to "
+                "the 'host' transport (memmove through pinned staging, several times slower)", err)
     return False
 
 
