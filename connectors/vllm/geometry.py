@@ -17,7 +17,8 @@ everything else that determines the bytes too (identity.model_fingerprint).
 What kvplug cannot store yet is refused here, at start-up, with the setting
 named: pipeline and context parallelism, engines over several nodes, models
 with more than one KV cache group (sliding-window or hybrid), quantized KV
-caches, and speculative decoding methods whose draft model has a KV cache.
+caches, speculative decoding methods whose draft model has a KV cache, and
+sleep mode (CUDA only: not tested with kvplug).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
     if getattr(parallel, "nnodes", 1) != 1:
         raise ValueError(f"kvplug: an engine over {parallel.nnodes} nodes is not supported yet; expected 1 "
                          "(every rank maps the CPU tier's slab from one node's shared memory)")
+    if getattr(getattr(vllm_config, "model_config", None), "enable_sleep_mode", False):
+        raise ValueError("kvplug: enable_sleep_mode=True is not supported yet (not tested with kvplug: sleep mode "
+                         "runs on CUDA only); expected False. Weights updated in place are supported: call "
+                         "reset_prefix_cache(reset_connector=True) afterwards")
     spec_method = getattr(getattr(vllm_config, "speculative_config", None), "method", None)
     if spec_method is not None and spec_method not in KV_FREE_SPECULATION:
         raise ValueError(f"kvplug: speculative decoding with method={spec_method!r} is not supported yet "

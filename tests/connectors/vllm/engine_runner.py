@@ -162,6 +162,8 @@ def main(spec_path: str, out_path: str) -> None:
         kwargs.update(enable_lora=True, max_lora_rank=spec.get("max_lora_rank", 8))
     if spec.get("speculative_config"):
         kwargs["speculative_config"] = spec["speculative_config"]
+    if spec.get("max_num_batched_tokens"):  # a small step budget: chunked prefill
+        kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec.get("num_kv_blocks"):  # a small KV cache, so that vLLM preempts requests
         kwargs["num_gpu_blocks_override"] = spec["num_kv_blocks"]
     tp = spec.get("tensor_parallel_size", 1)

