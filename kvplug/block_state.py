@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kvplug.blocks import BlockRef
+from kvplug.blocks import BlockRef, StoreEntry
 
 
 class BlockState(enum.Enum):
@@ -51,6 +51,9 @@ class Resident:
     state: BlockState
     pins: int = 0
     ref: BlockRef | None = None  # its full-block CPU ref, made once: lookups hand out thousands a second
+    entry: StoreEntry | None = None  # STORING: its parent and tokens, indexed at complete_store
+    waiting: list | None = None  # PROMOTING: the (handle, index) of every load waiting for the read
+    writing: bool = False        # an SSD write of its slot is queued or in flight (it holds a pin)
 
     @property
     def visible(self) -> bool:

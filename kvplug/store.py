@@ -19,8 +19,8 @@ State, under one lock (SSD futures complete on I/O threads):
   _policy    the visible resident blocks that may be evicted
   _on_ssd    blocks the SSD tier confirmed (it may drop some on its own: a
              read then misses, and lookups check before promising them)
-  _storing   the entries (parent, tokens) of blocks being stored
-  _writing / _reading  SSD transfers in flight (reads: the handles waiting)
+What a block's phase needs (a storing block's tokens, the loads waiting for a
+promotion, an SSD write in flight) lives on its ``Resident``, not in more maps.
 A block's pins are its loads in flight plus an SSD transfer of its slot.
 SSD calls and byte copies happen outside the lock.
 
@@ -87,10 +87,8 @@ class TieredStore(SSDTransfers):
         self._index = PrefixIndex(fingerprint, layout.block_tokens)
         self._policy = make_policy(config.eviction, self.cpu.num_slots)
         self._resident: dict[bytes, Resident] = {}
-        self._storing: dict[bytes, StoreEntry] = {}       # prepared, not completed
         self._on_ssd: set[bytes] = set()
-        self._writing: set[bytes] = set()                 # SSD writes queued or in flight
-        self._reading: dict[bytes, list[tuple[LoadHandle, int]]] = {}  # promotions: waiting handles
+        self._writes = self._reads = 0                    # SSD transfers queued or in flight
         self._stats = StoreCounters(self.block_tokens, ssd=self.ssd is not None)
         self._events: list[tuple[bool, bytes]] | None = [] if events else None  # (entered?, key)
         self._lock = threading.Lock()
@@ -164,8 +162,7 @@ class TieredStore(SSDTransfers):
             free = self._take_slots(len(new), jobs)
             self._stats["store_no_slot"] += len(new) - len(free)
             for (key, i), slot in zip(new.items(), free):
-                resident[key] = Resident(slot, BlockState.STORING)
-                self._storing[key] = entries[i]
+                resident[key] = Resident(slot, BlockState.STORING, entry=entries[i])
                 slots[i] = slot
         self._run(jobs)
         return slots
@@ -175,10 +172,11 @@ class TieredStore(SSDTransfers):
         jobs: list[Callable[[], None]] = []
         with self._lock:
             for key in keys:
-                entry = self._storing.pop(key, None)
-                if entry is None:
+                block = self._resident.get(key)
+                if block is None or block.state is not BlockState.STORING:
                     continue
-                self._resident[key].move(BlockState.VISIBLE)
+                entry, block.entry = block.entry, None
+                block.move(BlockState.VISIBLE)
                 if self._events is not None:
                     self._events.append((True, key))
                 self._index.insert(key, entry.parent, entry.tokens)
@@ -192,7 +190,8 @@ class TieredStore(SSDTransfers):
         """Give back the slots of blocks that will not be written."""
         with self._lock:
             for key in keys:
-                if self._storing.pop(key, None) is not None:
+                block = self._resident.get(key)
+                if block is not None and block.state is BlockState.STORING:
                     self._release(key)
 
     def put(self, parent: bytes, tokens: Sequence[int] | np.ndarray, data) -> bool:
@@ -227,13 +226,14 @@ class TieredStore(SSDTransfers):
                     handle.blocks.append(ref if ref.slot == block.slot and ref.tier == "cpu"
                                          else BlockRef(ref.key, ref.num_tokens, "cpu", block.slot))
                     handle._pinned.append(ref.key)
-                elif block is not None and ref.key in self._reading:  # another load promotes it already
+                elif block is not None and block.state is BlockState.PROMOTING:  # another load promotes it
                     block.pin()
-                    self._reading[ref.key].append((handle, i))
+                    block.waiting.append((handle, i))
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", block.slot), reading=True)
                 elif block is None and ref.key in self._on_ssd and (slot := self._take_slot(jobs)) is not None:
-                    self._resident[ref.key] = Resident(slot, BlockState.PROMOTING, pins=2)  # this load's + the read's
-                    self._reading[ref.key] = [(handle, i)]
+                    # pinned by this load and by the read
+                    self._resident[ref.key] = Resident(slot, BlockState.PROMOTING, pins=2, waiting=[(handle, i)])
+                    self._reads += 1
                     jobs.append(partial(self._submit, self.ssd.read, (ref.key, self.cpu.slot_view(slot)),
                                         partial(self._read_done, ref.key)))
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", slot), reading=True)
@@ -291,7 +291,7 @@ class TieredStore(SSDTransfers):
         One not on SSD yet is written back first (unless the queue is full)."""
         self._stats["evictions"] += 1
         block = self._resident[key]
-        if self.ssd is not None and key not in self._on_ssd and key not in self._writing:
+        if self.ssd is not None and key not in self._on_ssd and not block.writing:
             self._queue_write(key, jobs)  # pins the slot until written
         self._leave_cpu(key, block)
         if block.pins == 0:
@@ -357,7 +357,7 @@ class TieredStore(SSDTransfers):
             counts = Counter(self._stats)
             cpu_blocks = sum(b.visible for b in self._resident.values())
             pinned = sum(b.pins > 0 for b in self._resident.values())
-            writing = len(self._writing)
+            writing = self._writes
         return StoreCounters.report(counts, self.cpu.stats(), None if self.ssd is None else self.ssd.stats(),
                                     cpu_blocks=cpu_blocks, block_bytes=self.block_bytes, pinned=pinned,
                                     writing=writing)
@@ -378,7 +378,7 @@ class TieredStore(SSDTransfers):
         self._closed = True
         self.flush()
         with self._idle:
-            self._idle.wait_for(lambda: not self._reading)
+            self._idle.wait_for(lambda: not self._reads)
         if self.ssd is not None:
             self.ssd.close()
         self.cpu.close()

@@ -22,11 +22,13 @@ log = logging.getLogger("kvplug")
 class SSDTransfers:
     def _queue_write(self, key: bytes, jobs: list) -> None:
         # Caller holds the lock. A full queue drops the write: never block the caller.
-        if len(self._writing) >= self.config.write_queue_blocks:
+        if self._writes >= self.config.write_queue_blocks:
             self._stats["writes_dropped"] += 1
             return
-        self._writing.add(key)
-        self._resident[key].pin()
+        block = self._resident[key]
+        block.writing = True
+        block.pin()
+        self._writes += 1
         self._stats["writes_queued"] += 1
         parent, tokens = self._index.entry(key)
         data = self.cpu.slot_view(self._resident[key].slot)  # the whole slot: room for the SSD header
@@ -47,7 +49,8 @@ class SSDTransfers:
     def _write_done(self, key: bytes, future: cf.Future) -> None:
         ok = _succeeded(future, "write")
         with self._lock:
-            self._writing.discard(key)
+            self._resident[key].writing = False
+            self._writes -= 1
             self._stats["writes_done" if ok else "writes_failed"] += 1
             if ok:
                 self._on_ssd.add(key)
@@ -57,8 +60,9 @@ class SSDTransfers:
     def _read_done(self, key: bytes, future: cf.Future) -> None:
         ok = _succeeded(future, "read")
         with self._lock:
-            waiting = self._reading.pop(key)
             block = self._resident[key]
+            waiting, block.waiting = block.waiting, None
+            self._reads -= 1
             if ok:
                 block.move(BlockState.VISIBLE)
                 if self._events is not None:
@@ -77,7 +81,7 @@ class SSDTransfers:
     def flush(self) -> None:
         """Wait until every queued SSD write has finished."""
         with self._idle:
-            self._idle.wait_for(lambda: not self._writing)
+            self._idle.wait_for(lambda: not self._writes)
         if self.ssd is not None:
             self.ssd.flush()
 
