@@ -82,6 +82,11 @@ class LoadHandle:
     def num_tokens(self) -> int:
         return sum(b.num_tokens for b in self.loadable)
 
+    @property
+    def num_tokens_asked(self) -> int:
+        """Tokens of every block asked for, readable or not (known before the reads end)."""
+        return sum(b.num_tokens for b in self.blocks)
+
     def _add(self, ref: BlockRef, reading: bool) -> None:
         self.blocks.append(ref)
         self._pinned.append(ref.key)

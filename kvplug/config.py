@@ -80,6 +80,20 @@ def _parse_int(value: Any) -> int:
     raise ValueError("not an integer")
 
 
+def _parse_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        out = float(value.strip())
+    else:
+        raise ValueError("not a number")
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValueError("not a finite number")
+    return out
+
+
 @dataclass(frozen=True)
 class KVPlugConfig:
     # CPU tier: bytes of the one preallocated slab.
@@ -115,6 +129,9 @@ class KVPlugConfig:
     # "auto" (the cores the engine left free of compute threads, if any),
     # "shared" (the compute cores), or a CPU list such as "2,3" or "4-7".
     transfer_cpus: str = "auto"
+    # Longest an SSD promotion may keep a request waiting (seconds); sooner when recomputing
+    # the hit would be faster (from measured prefill speed). Then the request recomputes.
+    promotion_timeout_s: float = 5.0
     # A block that cannot be loaded: "recompute" it (the request goes on) or "fail"
     # the request (vLLM's kv_load_failure_policy, set from this for both spellings).
     load_failure_policy: str = "recompute"
@@ -146,6 +163,9 @@ class KVPlugConfig:
             except ValueError:
                 raise ConfigError(_message("transfer_cpus", self.transfer_cpus,
                                            '"auto", "shared" or a CPU list such as "2,3" or "4-7"')) from None
+        if not 0 < self.promotion_timeout_s <= 3600:
+            raise ConfigError(_message("promotion_timeout_s", self.promotion_timeout_s,
+                                       "a number of seconds in (0, 3600]"))
         for key, low in (("io_threads", 1), ("write_queue_blocks", 1), ("min_hit_tokens", 1)):
             if getattr(self, key) < low:
                 raise ConfigError(_message(key, getattr(self, key), f"an integer >= {low}"))
@@ -198,6 +218,8 @@ def _field_kinds() -> dict[str, str]:
             kinds[f.name] = "bool"
         elif f.type in ("int",):
             kinds[f.name] = "int"
+        elif f.type in ("float",):
+            kinds[f.name] = "float"
         elif f.type == "str | None":
             kinds[f.name] = "optional_str"
         else:
@@ -221,6 +243,8 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
                 value = _parse_bool(value)
             elif kind == "int":
                 value = _parse_int(value)
+            elif kind == "float":
+                value = _parse_float(value)
             elif kind == "optional_str":
                 value = None if value in (None, "", "none", "None") else str(os.path.expanduser(str(value)))
             elif key == "transfer_cpus" and isinstance(value, int) and not isinstance(value, bool):
@@ -232,6 +256,7 @@ def _coerce(values: dict[str, Any], source: str) -> dict[str, Any]:
                 "size": 'a size: bytes as an integer or a string such as "8GiB", "512MiB", "2GB"',
                 "bool": "true or false",
                 "int": "an integer",
+                "float": "a number",
                 "optional_str": "a path",
                 "str": "a string",
             }[kind]

@@ -71,6 +71,12 @@ class LoadPolicy:
             return True
         return load * self.margin < recompute
 
+    def promotion_deadline(self, tokens: int, cap_s: float) -> float:
+        """Seconds a request may wait for a promotion of ``tokens``: until recomputing them
+        would have been faster (once prefill speed is measured), at most ``cap_s``."""
+        recompute = self.recompute_seconds(tokens)
+        return cap_s if recompute is None else min(cap_s, recompute)
+
     def snapshot(self) -> dict[str, float | None]:
         with self._lock:
             out = {f"{tier}_load_gbps": (r.value or 0) / 1e9 for tier, r in self._tier_bps.items()}

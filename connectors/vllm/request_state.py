@@ -63,6 +63,7 @@ class RequestState:
     load_job: int | None = None
     sources: dict = field(default_factory=dict)  # CacheHitSource -> tokens of the planned hit
     looked_up: bool = False      # counted in the lookup stats
+    gave_up: bool = False        # a promotion outlived its deadline: this request recomputes
     saves: set[int] = field(default_factory=set)
     finished: bool = False       # vLLM finished it; kept while jobs are in flight
 

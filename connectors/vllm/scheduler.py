@@ -60,14 +60,22 @@ class SchedulerHalf:
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request, num_computed_tokens)
-        if st is None or st.epoch != self.store.epoch or st.phase is LoadPhase.LOADING:
-            return 0, False  # unkeyable, from before a reset, or its last load still in flight: recompute
+        if st is None or st.epoch != self.store.epoch or st.phase is LoadPhase.LOADING or st.gave_up:
+            return 0, False  # unkeyable, from before a reset, its last load in flight, or it gave up: recompute
         if st.phase is LoadPhase.PLANNED or (st.phase is LoadPhase.PINNED and st.lookup_from != num_computed_tokens):
             self._drop(st)  # preempted before its plan went out, or vLLM's own prefix cache moved on
         if st.phase is LoadPhase.NONE and not self._pin_hit(st, request, num_computed_tokens):
             return 0, False
         if not st.handle.done():
-            return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
+            waited = time.monotonic() - st.asked
+            if waited < self.policy.promotion_deadline(st.handle.num_tokens_asked, self.config.promotion_timeout_s):
+                return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
+            # Recomputing would have been faster: give up (the read lands in the CPU tier later).
+            self.stats.add("promotion_timeouts")
+            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, waited)
+            self._drop(st)
+            st.gave_up = True
+            return 0, False
         if st.promoting:  # as seen by the request: it waited from the lookup until now
             self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, time.monotonic() - st.asked)
             st.promoting = 0

@@ -22,6 +22,7 @@ COUNTERS = {
     "hit_tokens_ssd": "Hit tokens whose block was promoted from the SSD tier",
     "promotions": "Lookups that waited for SSD blocks to be promoted to CPU",
     "policy_skipped_tokens": "Hit tokens recomputed because load_policy=auto judged loading them slower",
+    "promotion_timeouts": "Requests that stopped waiting for an SSD promotion and recomputed (slow disk)",
     "promotion_failed_blocks": "SSD blocks that could not be read during promotion (treated as a miss)",
     "loaded_blocks": "Blocks copied from kvplug into vLLM's KV cache",
     "load_failed_blocks": "Blocks whose load failed in the worker (vLLM recomputes them)",

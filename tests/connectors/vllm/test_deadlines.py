@@ -1,0 +1,75 @@
+"""A slow disk degrades to recompute: a promotion past its deadline is abandoned."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kvplug.tiers.ssd import SSDTier
+from test_halves import Engine
+
+PROMPT = list(range(600, 648))  # 3 full blocks
+
+
+def stored_on_ssd(tmp_path) -> str:
+    ssd = str(tmp_path / "ssd")
+    first = Engine(tmp_path, "one", ssd_path=ssd, ssd_bytes="16MiB")
+    a = first.request("a", PROMPT)
+    first.schedule(a)
+    first.step({a: len(PROMPT)})
+    first.close()  # flushes the SSD writes
+    return ssd
+
+
+def slow_reads(monkeypatch, delay_s: float) -> threading.Event:
+    """Every SSD read completes ``delay_s`` late; the event is set once a late read has landed."""
+    read, landed = SSDTier.read, threading.Event()
+
+    def late(self, key, out):
+        inner = read(self, key, out)
+        outer = type(inner)()
+
+        def finish():
+            time.sleep(delay_s)
+            outer.set_result(inner.result())
+            landed.set()
+        threading.Thread(target=finish, daemon=True).start()
+        return outer
+
+    monkeypatch.setattr(SSDTier, "read", late)
+    return landed
+
+
+def test_a_promotion_past_its_deadline_is_abandoned_and_recomputed(tmp_path, monkeypatch):
+    ssd = stored_on_ssd(tmp_path)
+    landed = slow_reads(monkeypatch, 1.0)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=0.2)
+    try:
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (None, False)  # promoting: ask again
+        time.sleep(0.3)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)  # past the deadline: recompute
+        assert e.sched.stats.data["promotion_timeouts"] == 1
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)  # and it does not wait again
+        e.step({b: len(PROMPT)})  # recomputed
+        assert landed.wait(5)
+        time.sleep(0.1)
+        assert e.sched.store.stats()["cpu"]["pinned_blocks"] == 0  # the late read left no pin
+        c = e.request("c", PROMPT)
+        assert e.schedule(c) == len(PROMPT) - 1  # the late read still landed in the CPU tier
+    finally:
+        e.close()
+
+
+def test_the_deadline_is_sooner_when_recomputing_is_faster(tmp_path, monkeypatch):
+    ssd = stored_on_ssd(tmp_path)
+    slow_reads(monkeypatch, 1.0)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=60)
+    try:
+        e.sched.policy.observe_prefill(4700, 1.0)  # 47 tokens recompute in 10 ms
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (None, False)
+        time.sleep(0.05)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)
+    finally:
+        e.close()
