@@ -55,6 +55,7 @@ from kvplug.store_counters import StoreCounters
 from kvplug.store_ssd import SSDTransfers
 from kvplug.tiers.base import BackingTier
 from kvplug.tiers.cpu import CPUTier
+from kvplug.tiers.ssd import CLOSE_TIMEOUT_S, SSDTier
 
 log = logging.getLogger("kvplug")
 
@@ -75,7 +76,6 @@ class TieredStore(SSDTransfers):
         self.cpu = CPUTier.create(config.cpu_bytes, block_bytes, name if config.shared_memory else None,
                                   config.shm_dir, pin=not config.shared_memory)
         if ssd is None and config.ssd_path:
-            from kvplug.tiers.ssd import SSDTier
             try:
                 ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
                               io_threads=config.io_threads, o_direct=config.o_direct)
@@ -372,15 +372,17 @@ class TieredStore(SSDTransfers):
         return events
 
     def close(self) -> None:
-        """Finish SSD transfers, close the tiers, remove the shared-memory slab."""
+        """Finish SSD transfers (a hung disk gets ``CLOSE_TIMEOUT_S``), close the tiers, remove
+        the shared-memory slab. Always returns."""
         if self._closed:
             return
         self._closed = True
-        self.flush()
+        if not self.flush(CLOSE_TIMEOUT_S):
+            log.warning("kvplug store: SSD writes still in flight at close; left behind")
         with self._idle:
-            self._idle.wait_for(lambda: not self._reads)
+            self._idle.wait_for(lambda: not self._reads, CLOSE_TIMEOUT_S)
         if self.ssd is not None:
-            self.ssd.close()
+            self.ssd.close(CLOSE_TIMEOUT_S)
         self.cpu.close()
         self.cpu.unlink()
 

@@ -78,12 +78,13 @@ class SSDTransfers:
         for handle, i in waiting:
             handle._read_done(i, ok)
 
-    def flush(self) -> None:
-        """Wait until every queued SSD write has finished."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued SSD write has finished; False if some had not by ``timeout``."""
         with self._idle:
-            self._idle.wait_for(lambda: not self._writes)
+            done = self._idle.wait_for(lambda: not self._writes, timeout)
         if self.ssd is not None:
-            self.ssd.flush()
+            done = self.ssd.flush(timeout) and done
+        return done
 
 
 def _failed(error: Exception) -> cf.Future:

@@ -126,9 +126,10 @@ class FakeSSD:
     def stats(self):
         return {"blocks": len(self.blocks), "corruptions": len(self.corrupt)}
 
-    def flush(self):
+    def flush(self, timeout=None):
         for f in list(self._futures):
-            f.result()
+            f.result(timeout)
+        return True
 
     def close(self):
         self._pool.shutdown(wait=True)

@@ -45,6 +45,6 @@ class BackingTier(Tier, Protocol):
 
     def delete(self, key: bytes) -> None: ...
 
-    def flush(self) -> None:
-        """Wait for the writes in flight."""
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes in flight; False if some are still in flight after ``timeout``."""
         ...

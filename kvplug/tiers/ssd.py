@@ -31,19 +31,19 @@ import os
 import queue
 import sqlite3
 import threading
-from dataclasses import dataclass
+import time
 from typing import Iterator
 
 import numpy as np
 import xxhash
 
 from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
-from kvplug.tiers import slot_header
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
-from kvplug.tiers.manifest import Manifest, Row
+from kvplug.tiers.manifest import Manifest
 from kvplug.tiers.segments import Segments
 from kvplug.tiers.slot_index import Entry, SlotIndex
 from kvplug.tiers.slots import ALIGN, slot_stride
+from kvplug.tiers.ssd_workers import SSDWorkers, _Op, _u8
 
 log = logging.getLogger("kvplug")
 
@@ -51,32 +51,10 @@ SEGMENT_BYTES = 1 << 30     # target segment file size
 PREPARE_AHEAD = 2           # workers beyond io_threads: checksumming while the others do I/O
 MAX_BATCH = 32              # most transfers handled as one batch...
 MAX_BATCH_BYTES = 16 << 20  # ...and most bytes: big blocks gain nothing from batching
+CLOSE_TIMEOUT_S = 30.0      # close() returns within about this, whatever the disk does
 
 
-def _u8(buf) -> np.ndarray:
-    """A flat uint8 view (no copy) of a tensor, array or buffer."""
-    arr = np.asarray(buf)
-    if arr.dtype != np.uint8 or not arr.flags.c_contiguous:
-        raise TypeError(f"expected a contiguous uint8 buffer, got {arr.dtype} {arr.shape}")
-    return arr.reshape(-1)
-
-
-@dataclass(slots=True, eq=False)
-class _Op:
-    fut: cf.Future
-    key: bytes
-    data: object                   # the caller's buffer
-    write: bool
-    parent: bytes = b""            # writes
-    tokens: np.ndarray | None = None
-    entry: Entry | None = None     # reads: the pinned entry
-    buf: memoryview | None = None  # what the I/O uses: the caller's slot or a bounce buffer
-    bounced: bool = False
-    slot: int | None = None        # writes: the slot given to it
-    checksum: int = 0
-
-
-class SSDTier:
+class SSDTier(SSDWorkers):
     def __init__(self, path: str, capacity_bytes: int, block_bytes: int, fingerprint: bytes,
                  io_threads: int = 4, o_direct: str = "auto", io: FileIO | None = None) -> None:
         if o_direct not in ("auto", "on", "off"):
@@ -92,6 +70,7 @@ class SSDTier:
         self.fingerprint = fingerprint if len(fingerprint) == 16 else xxhash.xxh3_128_digest(fingerprint)
         self.slots_per_segment = max(1, SEGMENT_BYTES // self.slot_stride)
         self._io_threads = io_threads
+        self.degraded = False  # an I/O thread hit an unexpected error: the tier is off
         self._max_batch = max(1, min(MAX_BATCH, MAX_BATCH_BYTES // self.slot_stride))
         os.makedirs(path, exist_ok=True)
         self._lock_fd = lock_directory(path)
@@ -170,6 +149,8 @@ class SSDTier:
             raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(key)}")
         if not self._threads:
             raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
+        if self.degraded:
+            return self._off()
         fut, new = self._index.begin_write(key)
         if new:
             self._ops.put(_Op(fut, key, data, True, parent, tokens_array(tokens)))
@@ -178,6 +159,8 @@ class SSDTier:
     def read(self, key: bytes, out) -> cf.Future:
         if not self._threads:
             raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
+        if self.degraded:
+            return self._off()
         self._index.count("reads")
         fut: cf.Future = cf.Future()
         e = self._index.pin(key)
@@ -188,22 +171,38 @@ class SSDTier:
             self._ops.put(_Op(fut, key, out, False, entry=e))
         return fut
 
+    def _off(self) -> cf.Future:
+        self._index.count("degraded_ops")
+        fut: cf.Future = cf.Future()
+        fut.set_exception(RuntimeError(f"kvplug SSD tier at {self.path} is off after an I/O thread error"))
+        return fut
+
     def delete(self, key: bytes) -> None:
         e = self._index.live(key)
         if e is not None:
             self._drop(key, e)
 
-    def flush(self) -> None:
-        cf.wait(self._index.pending())
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes in flight; False if some are still in flight after ``timeout``."""
+        return not cf.wait(self._index.pending(), timeout=timeout).not_done
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish the transfers in flight and close, within about ``timeout`` seconds: a hung
+        disk leaves its threads behind (daemons) rather than hang the engine's shutdown."""
         if not self._threads:
             return
-        self.flush()
+        deadline = time.monotonic() + timeout
+        if not self.flush(timeout):
+            log.warning("kvplug SSD tier at %s: writes still in flight after %.0f s at close; left behind",
+                        self.path, timeout)
         for _ in self._threads:
             self._ops.put(None)
         for t in self._threads:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            log.warning("kvplug SSD tier at %s: I/O threads still busy at close; left behind", self.path)
+            self._threads = []
+            return  # the manifest and segments stay open for the threads still using them
         self._threads = []
         for err in self._segments.close():
             self._fault("sync", err)
@@ -234,143 +233,6 @@ class SSDTier:
                 out[k] = self._index.stats[k]
             out.update(self._index.stats)
         return out
-
-    # -- workers --------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            batch = self._take()
-            writes = [op for op in batch if op is not None and op.write]
-            reads = [op for op in batch if op is not None and not op.write]
-            if writes:
-                self._write_batch(self._prepare(writes))
-            if reads:
-                self._read_batch(reads)
-            if batch[-1] is None:
-                return
-
-    def _take(self) -> list[_Op | None]:
-        """The next transfer and, without waiting, a fair share of those queued behind it."""
-        batch = [self._ops.get()]
-        share = min(self._max_batch, 1 + self._ops.qsize() // self._io_threads)
-        while batch[-1] is not None and len(batch) < share:
-            try:
-                batch.append(self._ops.get_nowait())
-            except queue.Empty:
-                break
-        return batch
-
-    def _prepare(self, ops: list[_Op]) -> list[_Op]:
-        """Slots (evicting if need be), checksums and headers for a batch of writes."""
-        ready = []
-        for op in ops:
-            try:
-                op.buf, op.bounced = self._slot_buffer(op.data, for_write=True)
-                ready.append(op)
-            except Exception as e:  # a caller's mistake (a bad buffer): raise it from the future
-                self._end_write(op, e)
-        try:
-            slots = self._allocate(len(ready))
-        except sqlite3.Error as e:
-            for op in ready:
-                self._end_write(op, e)
-            return []
-        for op in ready[len(slots):]:
-            self._index.count("write_failures_all_pinned")
-            self._end_write(op, None)
-        ready = ready[:len(slots)]
-        for op, slot in zip(ready, sorted(slots)):
-            op.slot = slot
-            op.checksum = slot_header.pack(op.buf, self.block_bytes, self.fingerprint, op.key)
-        return ready
-
-    def _allocate(self, n: int) -> list[int]:
-        """Up to n slots, evicting least-recently-used unpinned blocks to make room."""
-        slots, victims = self._index.take_free(n)
-        if victims:
-            try:
-                self._manifest.delete([key for key, _ in victims])
-            except sqlite3.Error:
-                self._index.give_back(slots)  # the victims' rows may survive: leave their slots unused
-                raise
-            self._index.count("evictions", len(victims))
-        return slots + [e.slot for _, e in victims]
-
-    def _write_batch(self, ops: list[_Op]) -> None:
-        """Bytes first; the rows follow through the manifest's group commit."""
-        if not ops:
-            return
-        results = self._segments.transfer(True, [(op.slot, op.buf[:self.slot_stride]) for op in ops])
-        written = []
-        for op, result in zip(ops, results):
-            if isinstance(result, OSError):
-                self._end_write(op, result)
-            else:
-                written.append(op)
-        if not written:
-            return
-        touches, access = self._index.take_touches()
-        rows = [Row(op.key, op.parent, op.tokens.astype("<i8").tobytes(), *divmod(op.slot, self.slots_per_segment),
-                    op.checksum, self.fingerprint, FORMAT_VERSION, access) for op in written]
-        try:
-            committed = self._manifest.insert(rows, touches)
-        except (sqlite3.Error, RuntimeError) as e:
-            for op in written:
-                self._end_write(op, e)
-            return
-        committed.add_done_callback(lambda f: [self._end_write(op, f.exception()) for op in written])
-
-    def _end_write(self, op: _Op, error: BaseException | None) -> None:
-        ok = error is None and op.slot is not None
-        fut = self._index.end_write(op.key, Entry(op.slot, op.checksum) if ok else None, op.slot)
-        if ok:
-            self._index.count("writes")
-            self._index.count("write_bytes", self.block_bytes)
-        else:
-            self._index.count("write_failures")
-        if isinstance(error, OSError):
-            self._fault("write", error)
-        elif isinstance(error, (sqlite3.Error, RuntimeError)):
-            self._fault("manifest", error)
-        elif error is not None:
-            return fut.set_exception(error)
-        fut.set_result(ok)
-
-    def _read_batch(self, ops: list[_Op]) -> None:
-        ready = []
-        for op in ops:
-            try:
-                op.buf, op.bounced = self._slot_buffer(op.data, for_write=False)
-                ready.append(op)
-            except Exception as e:
-                self._index.unpin(op.entry)
-                op.fut.set_exception(e)
-        results = self._segments.transfer(False, [(op.entry.slot, op.buf[:self.slot_stride]) for op in ready])
-        for op, result in zip(ready, results):
-            self._end_read(op, result)
-
-    def _end_read(self, op: _Op, result: int | OSError) -> None:
-        if isinstance(result, OSError):
-            self._fault("read", result)
-        else:
-            problem = "truncated" if result < self.slot_stride else slot_header.verify(
-                op.buf, self.block_bytes, self.fingerprint, op.key, op.entry.checksum)
-            if problem is None:
-                if op.bounced:
-                    _u8(op.data)[:self.block_bytes] = np.frombuffer(op.buf, np.uint8, self.block_bytes)
-                self._index.unpin(op.entry)
-                self._index.count("read_hits")
-                self._index.count("read_bytes", self.block_bytes)
-                return op.fut.set_result(True)
-            self._index.count("corruptions")
-            self._index.count(f"corruptions_{problem}")
-            if self._index.first(f"corrupt_{problem}"):
-                log.warning("kvplug SSD tier: %s block %s in %s dropped (later ones are counted, not logged)",
-                            problem, op.key.hex(), self.path)
-        self._index.unpin(op.entry)
-        self._index.count("read_misses")
-        self._drop(op.key, op.entry)
-        op.fut.set_result(False)
 
     # -- shared ---------------------------------------------------------------
 

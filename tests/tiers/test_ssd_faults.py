@@ -144,3 +144,39 @@ def test_manifest_failure_is_a_failed_write(tmp_path, monkeypatch):
         assert t.stats()["io_faults_manifest_OperationalError"] == 1
         monkeypatch.undo()
         assert all(put(t, i) for i in range(8))  # its slot was given back
+
+
+def test_an_unexpected_error_in_an_io_thread_turns_the_tier_off_not_the_thread(tmp_path, caplog, monkeypatch):
+    t = tier(tmp_path)
+    assert put(t, 0)
+    monkeypatch.setattr(SSDTier, "_read_batch", lambda self, ops: 1 / 0)  # a bug, not an I/O error
+    with caplog.at_level(logging.ERROR, logger="kvplug"):
+        fut = t.read(block(0)[0], slot())
+        with pytest.raises(ZeroDivisionError):
+            fut.result(timeout=5)  # the caller hears of it: no future is left hanging
+    assert t.degraded and t.stats()["io_thread_errors"] == 1
+    assert sum("tier is off" in r.getMessage() for r in caplog.records) == 1  # logged once
+    key, parent, tokens = block(1)
+    with pytest.raises(RuntimeError, match="is off"):  # later transfers fail at once: callers recompute
+        t.write(key, parent, tokens, slot()).result(timeout=5)
+    assert t.stats()["degraded_ops"] == 1
+    t.close()
+
+
+def test_close_returns_within_its_bound_on_a_hung_disk(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from kvplug.tiers.segments import Segments
+
+    t = tier(tmp_path)
+    hang = threading.Event()
+    transfer = Segments.transfer
+    monkeypatch.setattr(Segments, "transfer", lambda self, *a, **k: (hang.wait(), transfer(self, *a, **k))[1])
+    key, parent, tokens = block(0)
+    fut = t.write(key, parent, tokens, slot(fill=content(key)))
+    start = time.monotonic()
+    t.close(timeout=0.5)
+    assert time.monotonic() - start < 3 and not fut.done()
+    hang.set()  # the disk comes back: the thread left behind finishes on its own
+    fut.result(timeout=5)
