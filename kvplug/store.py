@@ -72,6 +72,7 @@ class TieredStore(SSDTransfers):
         self.block_bytes = block_bytes
         if config.shared_memory:
             name = name or f"kvplug-{os.getpid()}-{secrets.token_hex(4)}"
+            CPUTier.sweep_dead(config.shm_dir)  # slabs of engines killed before removing theirs
         # A shared slab is pinned by the worker that attaches it, where the GPU copies happen.
         self.cpu = CPUTier.create(config.cpu_bytes, block_bytes, name if config.shared_memory else None,
                                   config.shm_dir, pin=not config.shared_memory)

@@ -44,8 +44,10 @@ from kvplug.tiers.slots import slot_stride
 log = logging.getLogger("kvplug")
 
 HEADER_BYTES = 4096  # one page: the slots after it stay page-aligned (O_DIRECT)
-_HEADER = struct.Struct("<8sH16sQQQ")  # magic, version, nonce, num_slots, slot_stride, block_bytes
-_MAGIC, _VERSION = b"KVPLUGSL", 1
+# magic, version, nonce, num_slots, slot_stride, block_bytes, and the creator: its pid namespace,
+# pid and start time (clock ticks since boot)
+_HEADER = struct.Struct("<8sH16sQQQQQQ")
+_MAGIC, _VERSION = b"KVPLUGSL", 2
 
 
 class CPUTier:
@@ -100,7 +102,9 @@ class CPUTier:
         finally:
             os.close(fd)
         nonce = secrets.token_bytes(16)
-        memory[:_HEADER.size] = _HEADER.pack(_MAGIC, _VERSION, nonce, num_slots, stride, block_bytes)
+        pid = os.getpid()
+        memory[:_HEADER.size] = _HEADER.pack(_MAGIC, _VERSION, nonce, num_slots, stride, block_bytes,
+                                             _pid_namespace(), pid, _start_time(pid) or 0)
         return cls(memory, block_bytes, path=path, owner=True, pin=pin, nonce=nonce)
 
     @classmethod
@@ -116,7 +120,7 @@ class CPUTier:
             header = os.pread(fd, _HEADER.size, 0)
             if len(header) < _HEADER.size:
                 raise ValueError(f"kvplug CPU tier: {path} is not a kvplug slab (no header)")
-            magic, version, found, num_slots, found_stride, found_bytes = _HEADER.unpack(header)
+            magic, version, found, num_slots, found_stride, found_bytes, *_ = _HEADER.unpack(header)
             if magic != _MAGIC or version != _VERSION:
                 raise ValueError(f"kvplug CPU tier: {path} is not a kvplug slab of format {_VERSION}")
             if nonce is not None and found != nonce:
@@ -129,6 +133,45 @@ class CPUTier:
         finally:
             os.close(fd)
         return cls(memory, block_bytes, path=path, owner=False, pin=pin, nonce=found)
+
+    @staticmethod
+    def sweep_dead(shm_dir: str = "/dev/shm", prefix: str = "kvplug-") -> list[str]:
+        """Remove the slabs of kvplug engines that died before removing theirs (kill -9 before
+        every worker attached): this user's files named ``prefix*`` whose header says kvplug
+        and whose creator process (pid and start time, in this pid namespace) is gone. The
+        names removed."""
+        removed = []
+        try:
+            names = [n for n in os.listdir(shm_dir) if n.startswith(prefix)]
+        except OSError:
+            return removed
+        for name in names:
+            path = os.path.join(shm_dir, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_uid != os.getuid():
+                    continue
+                header = os.pread(fd, _HEADER.size, 0)
+            finally:
+                os.close(fd)
+            if len(header) < _HEADER.size:
+                continue
+            magic, version, *_, namespace, pid, started = _HEADER.unpack(header)
+            # Only a creator in this pid namespace can be known dead (another container's is invisible).
+            if magic == _MAGIC and version == _VERSION and namespace == _pid_namespace() \
+                    and _start_time(pid) != started:
+                try:
+                    os.unlink(path)
+                    removed.append(name)
+                except OSError:
+                    pass
+        if removed:
+            log.warning("kvplug CPU tier: removed %d shared-memory slab(s) of dead engines from %s: %s",
+                        len(removed), shm_dir, ", ".join(removed))
+        return removed
 
     @staticmethod
     def unique_name(prefix: str) -> str:
@@ -224,6 +267,24 @@ class CPUTier:
         self.close()
         if self.owner:
             self.unlink()
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), None if there is no such process:
+    with the pid it names a process even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after the name
 
 
 def _pin(buffer: torch.Tensor) -> bool:

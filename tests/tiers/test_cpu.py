@@ -180,3 +180,20 @@ def test_pinned_slab_copies_to_and_from_the_gpu(shm_dir, tmp_path):
             attached = CPUTier.attach(t.name, BLOCK, shm_dir=shm_dir)
             assert attached.pinned  # each process (each mapping) pins its own
             attached.close()
+
+
+def test_slabs_of_dead_engines_are_swept_and_live_ones_kept(tmp_path):
+    # An engine killed (kill -9) before its workers attached leaves its slab behind.
+    child = textwrap.dedent(f"""
+        import os
+        from kvplug.tiers.cpu import CPUTier
+        CPUTier.create({2 * STRIDE}, {BLOCK}, name="kvplug-dead-1", shm_dir={str(tmp_path)!r})
+        os.kill(os.getpid(), 9)
+    """)
+    subprocess.run([sys.executable, "-c", child])
+    live = CPUTier.create(2 * STRIDE, BLOCK, name="kvplug-live-1", shm_dir=str(tmp_path))
+    (tmp_path / "kvplug-not-a-slab").write_bytes(b"\0" * 8192)  # not ours to judge: kept
+    assert CPUTier.sweep_dead(str(tmp_path)) == ["kvplug-dead-1"]
+    assert sorted(os.listdir(tmp_path)) == ["kvplug-live-1", "kvplug-not-a-slab"]
+    live.close()
+    live.unlink()
