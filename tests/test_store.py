@@ -131,7 +131,7 @@ class FakeSSD:
             f.result(timeout)
         return True
 
-    def close(self):
+    def close(self, timeout=None):
         self._pool.shutdown(wait=True)
 
 
