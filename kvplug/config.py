@@ -166,9 +166,13 @@ class KVPlugConfig:
         if not 0 < self.promotion_timeout_s <= 3600:
             raise ConfigError(_message("promotion_timeout_s", self.promotion_timeout_s,
                                        "a number of seconds in (0, 3600]"))
-        for key, low in (("io_threads", 1), ("write_queue_blocks", 1), ("min_hit_tokens", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(_message(key, getattr(self, key), f"an integer >= {low}"))
+        # Upper bounds too: a value that passes here must not fail later (a million I/O threads).
+        for key, low, high in (("io_threads", 1, 256), ("write_queue_blocks", 1, 1 << 24),
+                               ("min_hit_tokens", 1, 1 << 24)):
+            if not low <= getattr(self, key) <= high:
+                raise ConfigError(_message(key, getattr(self, key), f"an integer in [{low}, {high}]"))
+        if self.int4h_group > 4096:
+            raise ConfigError(_message("int4h_group", self.int4h_group, "0 (whole head) or a power of two <= 4096"))
 
     # -- builders -----------------------------------------------------------
 

@@ -69,3 +69,26 @@ def test_another_connector_in_the_json_conflicts(parse):
 def test_bad_value_fails_with_kvplugs_message(parse):
     with pytest.raises(ConfigError, match=r"cpu_bytes='lots' is not accepted"):
         parse("--kv-connector", "kvplug", "--kvplug-cpu-bytes", "lots")
+
+
+def test_any_kvplug_option_values_give_a_config_or_a_clear_error():
+    from types import SimpleNamespace
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kvplug.connectors.vllm.cli import OPTIONS, kv_transfer_config
+
+    texts = st.one_of(st.text(max_size=12), st.sampled_from(["8GiB", "0", "-3GiB", "raw", "int4h", "1e99", "", " "]))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.fixed_dictionaries({key: st.one_of(st.none(), texts) for key in OPTIONS}))
+    def run(values):
+        args = SimpleNamespace(kv_connector="kvplug", kv_transfer_config=None,
+                               **{f"kvplug_{k}": v for k, v in values.items()})
+        try:
+            kv_transfer_config(args)
+        except ConfigError as e:
+            assert any(k in str(e) for k, v in values.items() if v is not None) and "expected" in str(e)
+
+    run()
