@@ -52,7 +52,7 @@ class SSDTransfers:
             self._resident[key].writing = False
             self._writes -= 1
             self._stats["writes_done" if ok else "writes_failed"] += 1
-            if ok:
+            if ok and key in self._index:  # (not a block dropped by a reset meanwhile)
                 self._on_ssd.add(key)
             self._unpin(key)
             self._idle.notify_all()
@@ -63,6 +63,7 @@ class SSDTransfers:
             block = self._resident[key]
             waiting, block.waiting = block.waiting, None
             self._reads -= 1
+            ok = ok and key in self._index  # a reset meanwhile dropped it: its bytes are of an old epoch
             if ok:
                 block.move(BlockState.VISIBLE)
                 if self._events is not None:
