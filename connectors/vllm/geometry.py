@@ -16,9 +16,12 @@ everything else that determines the bytes too (identity.model_fingerprint).
 
 What kvplug cannot store yet is refused here, at start-up, with the setting
 named: pipeline and context parallelism, engines over several nodes, models
-with more than one KV cache group (sliding-window or hybrid), quantized KV
-caches, speculative decoding methods whose draft model has a KV cache, and
-sleep mode (CUDA only: not tested with kvplug).
+with more than one KV cache group (hybrid, or all layers sliding-window),
+non-causal (prefix-LM) and diffusion models, quantized KV caches, speculative
+decoding methods whose draft model has a KV cache, and sleep mode (CUDA only:
+not tested with kvplug). Models mixing sliding-window and full attention run
+with vLLM's hybrid manager off (kvplug is not SupportsHMA), so vLLM keeps every
+block of every layer: one full-attention group, stored like any other.
 """
 
 from __future__ import annotations
@@ -95,8 +98,17 @@ def geometry(vllm_config, kv_cache_config, config: KVPlugConfig) -> Geometry:
         raise ValueError(f"kvplug: only models whose layers all use full attention are supported; "
                          f"this one has KV cache groups {kinds} (sliding-window, hybrid and MLA models are not)")
     spec = groups[0].kv_cache_spec
+    if getattr(spec, "non_causal", False):
+        # Bidirectional attention: a block's KV depends on later tokens (vLLM turns its own
+        # prefix caching off for these models), so a stored prefix is not the request's KV.
+        raise ValueError("kvplug: models with non_causal attention (prefix-LM) are not supported: a block's KV "
+                         "depends on tokens after it; expected causal attention")
+    if callable(getattr(vllm_config.model_config, "is_diffusion", None)) and vllm_config.model_config.is_diffusion():
+        raise ValueError("kvplug: diffusion language models are not supported (their KV is not a function of "
+                         "the prefix); expected a causal model")
     if spec.head_size_v not in (None, spec.head_size):
-        raise ValueError(f"kvplug: K and V head sizes differ ({spec.head_size} vs {spec.head_size_v})")
+        raise ValueError(f"kvplug: K and V head sizes differ ({spec.head_size} vs {spec.head_size_v}); "
+                         "expected equal head sizes")
     dtype = next((name for name, t in DTYPES.items() if t == spec.dtype), None)
     cache_dtype = getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto")
     if dtype is None:

@@ -18,7 +18,7 @@ def _config(speculative=None, sleep=False, cache_dtype="auto", **parallel):
                 prefill_context_parallel_size=1, nnodes=1)
     return SimpleNamespace(parallel_config=SimpleNamespace(**(base | parallel)),
                            speculative_config=None if speculative is None else SimpleNamespace(method=speculative),
-                           model_config=SimpleNamespace(enable_sleep_mode=sleep),
+                           model_config=SimpleNamespace(enable_sleep_mode=sleep, is_diffusion=lambda: False),
                            cache_config=SimpleNamespace(cache_dtype=cache_dtype))
 
 
@@ -63,3 +63,16 @@ def test_a_quantized_kv_cache_is_refused_naming_the_setting():
     fp8 = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8' .* is not supported"):
         geometry(_config(cache_dtype="fp8"), _kv_cache_config(fp8), KVPlugConfig())
+
+
+def test_non_causal_models_are_refused():
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16, non_causal=True)
+    with pytest.raises(ValueError, match="models with non_causal attention"):
+        geometry(_config(), _kv_cache_config(spec), KVPlugConfig())
+
+
+def test_diffusion_models_are_refused():
+    config = _config()
+    config.model_config.is_diffusion = lambda: True
+    with pytest.raises(ValueError, match="diffusion language models are not supported"):
+        geometry(config, _kv_cache_config(FULL), KVPlugConfig())
