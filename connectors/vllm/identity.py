@@ -3,17 +3,19 @@
 Two digests decide whether a block may be loaded for a request:
 
 - ``model_fingerprint`` (per engine): everything that determines the KV bytes
-  of a token sequence for the base model: vLLM's model config hash, the model's
-  HF config (RoPE scaling and other ``hf_overrides`` land there), a cheap
-  digest of the weight files (size, mtime, ctime, inode and the first 64 KiB
+  of a token sequence for the base model: the model config fields that change
+  KV, the model's HF config (RoPE scaling and ``hf_overrides`` land there), a
+  cheap digest of the weight files (size, mtime and the first and last 64 KiB
   of each, so a checkpoint rewritten in place is another model; no full read), quantization, KV cache
   dtype, block size, the parallel split, kvplug's layout, codec and format.
   It is the store's fingerprint: an SSD tier written under another one is
   never read.
 - ``request_identity`` (per request): what vLLM's own prefix cache separates
   requests on (``vllm/v1/core/kv_cache_utils.py``: LoRA name and path, cache
-  salt), plus a digest of the LoRA adapter's files, since a name re-pointed
-  or an adapter rewritten in place changes the KV. ``None`` means kvplug
+  salt), plus the adapter's int id (vLLM's workers cache adapters by it) and a
+  digest of its files, since a name re-pointed changes the KV. An adapter
+  rewritten in place is served by vLLM's workers from their cache until it is
+  reloaded (``load_inplace``): give a rewritten adapter a new name or id. ``None`` means kvplug
   cannot key the request safely (prompt embeddings, multimodal inputs, a LoRA
   adapter whose files it cannot read): such a request is neither stored nor
   loaded.
@@ -35,7 +37,7 @@ from kvplug.keys import fingerprint
 
 log = logging.getLogger("vllm.kvplug")
 
-HEAD_BYTES = 1 << 16  # bytes of each weight file hashed: headers (safetensors) and a first tensor
+HEAD_BYTES = 1 << 16  # bytes hashed at each end of a weight file: headers (safetensors), first and last tensors
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".npz", ".msgpack", ".h5")
 
 
@@ -43,35 +45,50 @@ def model_fingerprint(vllm_config, layout_desc: dict, codec_desc: dict, codec: s
     model = vllm_config.model_config
     cache = vllm_config.cache_config
     hf = getattr(model, "hf_config", None)
+    download_dir = getattr(getattr(vllm_config, "load_config", None), "download_dir", None)
+    # Only what changes the KV bytes: a new max_model_len or a re-downloaded copy of the
+    # same files must not make a persistent store a miss.
     extra = {
-        "model_config": model.compute_hash(),
+        "model": {name: str(getattr(model, name, None)) for name in MODEL_FIELDS},
         "hf_config": _digest_json(hf.to_dict()) if hf is not None and hasattr(hf, "to_dict") else None,
-        "weights": weights_digest(model.model, getattr(model, "revision", None)),
-        "quantization": getattr(model, "quantization", None),
-        "dtype": str(getattr(model, "dtype", None)),
+        "weights": weights_digest(model.model, getattr(model, "revision", None), download_dir),
         "kv_cache_dtype": str(getattr(cache, "cache_dtype", None)),
         "block_size": getattr(cache, "block_size", None),
         "codec": codec_desc,
-        "revision": getattr(model, "revision", None),
     }
+    log.info("kvplug: store fingerprint from %s", json.dumps(extra, sort_keys=True, default=str))
     return fingerprint(model.model, layout_desc, codec, rank=0, world_size=tp_size, extra=extra)
 
 
-def weights_digest(model: str, revision: str | None = None) -> str:
-    """Stat and the first ``HEAD_BYTES`` of every weight and config file of a local
-    model directory (or of its local Hugging Face snapshot); "unresolved:<name>" when
-    neither is on this machine (the revision, in the fingerprint too, then stands for it)."""
-    path = model if os.path.isdir(model) else _hf_snapshot(model, revision)
+# The model config fields that change KV (the HF config, RoPE scaling and hf_overrides
+# included, is digested whole beside them).
+MODEL_FIELDS = ("model", "revision", "code_revision", "dtype", "quantization", "hf_overrides",
+                "override_attention_dtype")
+
+
+def weights_digest(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
+    """Size, mtime and the first and last ``HEAD_BYTES`` of every weight and config file of a
+    local model directory (a single model file, or the local Hugging Face snapshot vLLM loads,
+    in ``download_dir`` when given). A model whose files are not on this machine gets a
+    digest of its own for this process only: nothing stored is reused after a restart."""
+    if os.path.isfile(model):
+        return _files_digest(os.path.dirname(model) or ".", (os.path.basename(model),))
+    path = model if os.path.isdir(model) else _hf_snapshot(model, revision, download_dir)
     if path is None:
-        return f"unresolved:{model}"
+        log.warning("kvplug: the weight files of %s are not on this machine; the persistent tiers will not be "
+                    "reused after a restart (their fingerprint cannot name these weights)", model)
+        return f"unresolved:{model}:{_PROCESS_NONCE}"
     return _files_digest(path, WEIGHT_SUFFIXES + (".json",))
 
 
-def _hf_snapshot(repo: str, revision: str | None) -> str | None:
+_PROCESS_NONCE = os.urandom(8).hex()
+
+
+def _hf_snapshot(repo: str, revision: str | None, cache_dir: str | None = None) -> str | None:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo, revision=revision, local_files_only=True)
+        return snapshot_download(repo, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception:  # not cached here, or no huggingface_hub: nothing to read
         return None
 
@@ -83,18 +100,19 @@ def _files_digest(path: str, suffixes: tuple[str, ...]) -> str:
         if not name.endswith(suffixes) or not os.path.isfile(full):
             continue
         st = os.stat(full)
-        # ctime and inode too: a rewrite that restores the old mtime still moves the ctime
-        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        h.update(f"{name}\0{stamp}\0".encode())
-        h.update(_head(full, stamp))
+        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        # cached by the whole stat: a rewrite that restores the old mtime still moves the ctime
+        h.update(_ends(full, (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
     return h.hexdigest()
 
 
 @lru_cache(maxsize=256)
-def _head(path: str, stamp: tuple) -> bytes:
-    """A digest of a file's first bytes (cached by its stat: a request must not reread them)."""
+def _ends(path: str, stamp: tuple) -> bytes:
+    """A digest of a file's first and last bytes (headers, first and last tensors): no full read."""
     with open(path, "rb") as f:
-        return xxhash.xxh3_128_digest(f.read(HEAD_BYTES))
+        head = f.read(HEAD_BYTES)
+        f.seek(max(0, stamp[0] - HEAD_BYTES))
+        return xxhash.xxh3_128_digest(head + f.read(HEAD_BYTES))
 
 
 def _digest_json(doc) -> str:
@@ -117,7 +135,9 @@ def request_identity(request) -> tuple:
     lora = getattr(request, "lora_request", None)
     adapter = None
     if lora is not None:
-        adapter = (lora.lora_name, lora.lora_path, lora_digest(lora.lora_path))
+        # vLLM's workers cache an adapter by its int id (reloaded only with load_inplace):
+        # the id is part of what the KV was computed with.
+        adapter = (lora.lora_name, lora.lora_int_id, lora.lora_path, lora_digest(lora.lora_path))
     return (adapter, request.cache_salt or None)
 
 

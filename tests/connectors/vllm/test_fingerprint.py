@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 from kvplug.connectors.vllm.identity import model_fingerprint, weights_digest
@@ -15,7 +17,7 @@ class HFConfig(dict):
 
 def vllm_config(model_dir: str, **changes):
     model = SimpleNamespace(model=model_dir, revision=None, quantization=None, dtype="bfloat16",
-                            hf_config=HFConfig(rope_scaling=None, hidden_size=64), compute_hash=lambda: "h")
+                            hf_config=HFConfig(rope_scaling=None, hidden_size=64), max_model_len=2048)
     cache = SimpleNamespace(cache_dtype="auto", block_size=16)
     for key, value in changes.items():
         target = cache if key in ("cache_dtype", "block_size") else model
@@ -57,12 +59,30 @@ def test_every_kv_relevant_setting_changes_it(tmp_path):
         fp(m, block_size=32),
         fp(m, tp=2),
         fp(m, codec="int4h"),
-        fp(m, compute_hash=lambda: "other"),   # vLLM's model config hash
+        fp(m, dtype="float16"),
         fp(m, hf_config=HFConfig(rope_scaling={"type": "yarn", "factor": 2.0}, hidden_size=64)),  # hf_overrides
         fp(m, revision="abc"),
     ]
     assert len({base, *changed}) == len(changed) + 1
 
 
-def test_a_model_not_on_this_machine_is_named_unresolved():
-    assert weights_digest("some-org/some-model-that-is-not-here") == "unresolved:some-org/some-model-that-is-not-here"
+def test_settings_that_do_not_change_kv_leave_it_alone(tmp_path):
+    m = make_model(tmp_path / "m")
+    assert fp(m, max_model_len=8192) == fp(m)
+
+
+def test_a_model_whose_files_are_not_here_is_never_reused_after_a_restart():
+    digest = weights_digest("some-org/some-model-that-is-not-here")
+    assert digest.startswith("unresolved:some-org/some-model-that-is-not-here:")
+    out = subprocess.run([sys.executable, "-c", "from kvplug.connectors.vllm.identity import weights_digest; "
+                          "print(weights_digest('some-org/some-model-that-is-not-here'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out != digest  # another process: another digest
+
+
+def test_a_single_model_file_is_digested(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"G" * 100)
+    before = weights_digest(str(gguf))
+    gguf.write_bytes(b"H" * 100)
+    assert weights_digest(str(gguf)) != before and not before.startswith("unresolved")
