@@ -135,6 +135,10 @@ class KVPlugConfig:
     # A block that cannot be loaded: "recompute" it (the request goes on) or "fail"
     # the request (vLLM's kv_load_failure_policy, set from this for both spellings).
     load_failure_policy: str = "recompute"
+    # SSD tier integrity (opt-in): where a secret is, never the secret itself:
+    # "env:NAME" (an environment variable) or "file:/path" (a file). Blocks then carry
+    # a keyed MAC and one that fails it is a miss (kvplug/tiers/ssd.py).
+    integrity_key: str | None = None
 
     _CHOICES = {
         "codec": ("raw", "int4h"),
@@ -166,6 +170,8 @@ class KVPlugConfig:
         if not 0 < self.promotion_timeout_s <= 3600:
             raise ConfigError(_message("promotion_timeout_s", self.promotion_timeout_s,
                                        "a number of seconds in (0, 3600]"))
+        if self.integrity_key is not None and not _INTEGRITY_REF.match(self.integrity_key):
+            raise ConfigError(_INTEGRITY_HIDDEN)  # the value may be the secret itself: never echoed
         # Upper bounds too: a value that passes here must not fail later (a million I/O threads).
         for key, low, high in (("io_threads", 1, 256), ("write_queue_blocks", 1, 1 << 24),
                                ("min_hit_tokens", 1, 1 << 24)):
@@ -207,6 +213,40 @@ class KVPlugConfig:
 
     def replace(self, **changes: Any) -> "KVPlugConfig":
         return dataclasses.replace(self, **_coerce(changes, source="config"))
+
+    def integrity_secret(self, environ: Mapping[str, str] | None = None) -> bytes | None:
+        """The secret ``integrity_key`` points at, read now (None when unset). Errors name the
+        reference, never the secret."""
+        ref = self.integrity_key
+        if ref is None:
+            return None
+        kind, _, where = ref.partition(":")
+        if kind == "env":
+            value = (os.environ if environ is None else environ).get(where, "")
+            if not value:
+                raise ConfigError(f"kvplug config: integrity_key={ref!r} names the environment variable {where}, "
+                                  f"which is not set or empty; expected it to hold the secret")
+            secret = value.encode()
+        else:
+            path = os.path.expanduser(where)
+            try:
+                with open(path, "rb") as f:
+                    secret = f.read(_SECRET_MAX + 1).rstrip(b"\r\n")
+            except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+                why = getattr(e, "strerror", None) or "not a path"
+                raise ConfigError(f"kvplug config: integrity_key={ref!r}: cannot read {path!r} ({why}); "
+                                  f"expected a readable file that holds the secret") from None
+        if not _SECRET_MIN <= len(secret) <= _SECRET_MAX:
+            raise ConfigError(f"kvplug config: integrity_key={ref!r}: the secret there is not accepted; expected "
+                              f"{_SECRET_MIN} to {_SECRET_MAX} bytes (e.g. head -c 32 /dev/urandom | base64)")
+        return secret
+
+
+_INTEGRITY_REF = re.compile(r"(env:[A-Za-z_][A-Za-z0-9_]*|file:(/|~).*)\Z", re.S)
+_INTEGRITY_HIDDEN = ("kvplug config: integrity_key=<not shown> is not accepted; expected 'env:NAME' (an environment "
+                     "variable holding the secret) or 'file:/absolute/path' (a file holding it); the value is not "
+                     "shown as it may be the secret itself")
+_SECRET_MIN, _SECRET_MAX = 16, 4096
 
 
 def _message(key: str, value: Any, accepted: str) -> str:

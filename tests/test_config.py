@@ -93,3 +93,32 @@ def test_transfer_cpus_from_yaml_as_a_number_and_bounded(tmp_path):
     assert KVPlugConfig.from_yaml(path).transfer_cpus == "3"
     with pytest.raises(ConfigError, match="transfer_cpus"):
         KVPlugConfig.from_dict({"transfer_cpus": "0-1000000000"})
+
+
+SECRET = "kvplug-test-secret-0123456789abcdef"
+
+
+def test_integrity_key_is_a_reference_read_at_start_up(tmp_path):
+    cfg = KVPlugConfig.load({"integrity_key": "env:KVPLUG_TEST_SECRET"}, environ={})
+    assert cfg.integrity_secret({"KVPLUG_TEST_SECRET": SECRET}) == SECRET.encode()
+    key_file = tmp_path / "key"
+    key_file.write_text(SECRET + "\n")
+    cfg = KVPlugConfig.from_env({"KVPLUG_INTEGRITY_KEY": f"file:{key_file}"})
+    assert cfg.integrity_secret() == SECRET.encode()  # one trailing newline is not part of it
+    assert SECRET not in repr(cfg) and KVPlugConfig().integrity_secret() is None
+
+
+def test_integrity_key_errors_name_the_reference_never_the_secret(tmp_path):
+    for pasted in (SECRET, "env:", "file:relative/key", "hex:00ff"):  # a secret pasted in place of a reference
+        with pytest.raises(ConfigError, match="integrity_key=<not shown>.*env:NAME") as e:
+            KVPlugConfig.from_dict({"integrity_key": pasted})
+        assert repr(pasted) not in str(e.value) and "relative" not in str(e.value) and SECRET not in str(e.value)
+    cfg = KVPlugConfig.from_dict({"integrity_key": "env:KVPLUG_TEST_SECRET"})
+    with pytest.raises(ConfigError, match="KVPLUG_TEST_SECRET.*not set"):
+        cfg.integrity_secret({})
+    with pytest.raises(ConfigError, match="16 to 4096 bytes") as e:
+        cfg.integrity_secret({"KVPLUG_TEST_SECRET": "short-secret"})
+    assert "short-secret" not in str(e.value)
+    missing = KVPlugConfig.from_dict({"integrity_key": f"file:{tmp_path}/none"})
+    with pytest.raises(ConfigError, match="cannot read"):
+        missing.integrity_secret()

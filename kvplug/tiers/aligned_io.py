@@ -9,38 +9,18 @@ which covers both 512-byte and 4K logical sectors.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import tempfile
 import threading
 
 from kvplug.tiers.slots import ALIGN
+from kvplug.tiers.ssd_dir import DirectoryBusy, lock_directory, open_file  # noqa: F401  (re-exported)
 
 
 def aligned_buffer(nbytes: int) -> memoryview:
     """A zeroed, page-aligned (so O_DIRECT-safe) writable buffer."""
     return memoryview(mmap.mmap(-1, nbytes))
-
-
-class DirectoryBusy(RuntimeError):
-    """Another process (or another tier object) owns the directory."""
-
-
-def lock_directory(path: str) -> int:
-    """flock ``path``/LOCK for the life of the returned fd (released at close or death)."""
-    lock_path = os.path.join(path, "LOCK")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise DirectoryBusy(f"kvplug SSD tier: {path} is in use by another process (pid {owner}, "
-                            f"lock {lock_path}); give each process its own ssd_path") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 def probe_direct(directory: str) -> str | None:
@@ -50,7 +30,7 @@ def probe_direct(directory: str) -> str | None:
     fd, path = tempfile.mkstemp(prefix=".kvplug-odirect-", dir=directory)
     os.close(fd)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        fd = open_file(path, os.O_RDWR | os.O_DIRECT)
         try:
             buf = aligned_buffer(ALIGN)
             buf[:8] = b"kvplug\0\0"
@@ -68,11 +48,11 @@ def probe_direct(directory: str) -> str | None:
 
 
 class FileIO:
-    """Plain positional vectored I/O. Short transfers are reported, not retried."""
+    """Plain positional vectored I/O. Short transfers are reported, not retried.
+    Files are never opened through a link (kvplug/tiers/ssd_dir.py)."""
 
     def open(self, path: str, direct: bool) -> int:
-        flags = os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0)
-        return os.open(path, flags, 0o600)
+        return open_file(path, os.O_RDWR | os.O_CREAT | (os.O_DIRECT if direct else 0))
 
     def close(self, fd: int) -> None:
         os.close(fd)

@@ -12,7 +12,9 @@ a commit each.
 
 A manifest that SQLite cannot read is moved aside (``*.corrupt``); the rows
 that can still be read from it are salvaged into a fresh one. Rows are plain
-columns, never pickled.
+columns, never pickled. The file and its companions (-wal, -shm, -journal)
+are checked before SQLite opens them (it follows links: kvplug/tiers/ssd_dir.py),
+and a row with a blob longer than ``max_blob`` is deleted unread.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from typing import Iterable, NamedTuple
 
 import xxhash
 
+from kvplug.tiers.ssd_dir import UnsafeDirectory, check_sqlite, private_sqlite
+
 log = logging.getLogger("kvplug")
 
 SCHEMA_VERSION = 1
 
 _COLUMNS = "key, parent, tokens, segment, slot, checksum, fingerprint, format, last_access, row_check"
 _INSERT = f"INSERT OR REPLACE INTO blocks ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_BLOBS = ("key", "parent", "tokens", "fingerprint")
 _TOUCH = "UPDATE blocks SET last_access = ? WHERE key = ?"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -87,24 +92,36 @@ def _intact(r: tuple) -> bool:
 class Manifest:
     """Thread-safe. ``insert`` is group-committed; every other update is one short transaction."""
 
-    def __init__(self, path: str, geometry: dict[str, int]) -> None:
+    def __init__(self, path: str, geometry: dict[str, int], max_blob: int = 1 << 20) -> None:
         self.path = path
         self.reset_reason: str | None = None
         self._lock = threading.Lock()
         self._geometry = {"schema": SCHEMA_VERSION, **geometry}
+        self._max_blob = int(max_blob)
         self._conn: sqlite3.Connection | None = None
+        oversized = 0
         try:
             self._conn = self._connect()
             self._check_geometry()
+            with self._conn:
+                oversized = self._conn.execute(
+                    "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
+                    "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
             rows = self._all_rows()
             with self._conn:
                 self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in rows if not _intact(r)])
+        except UnsafeDirectory:
+            if self._conn is not None:
+                self._conn.close()
+            raise
         except Exception as e:  # a damaged file raises more than DatabaseError (bad UTF-8, ...)
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
         self.rows = [Row(*r[:9]) for r in rows if _intact(r)]
         self.dropped_rows = len(rows) - len(self.rows)  # damaged, and deleted
+        self.oversized_rows = max(oversized, 0)           # a blob past max_blob: deleted unread
+        self.dropped_keys = [r[0] for r in rows if not _intact(r) and isinstance(r[0], bytes)]
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False
@@ -114,10 +131,12 @@ class Manifest:
     # -- opening --------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
+        private_sqlite(self.path)  # no links; 0600 (SQLite gives its -wal and -shm the file's mode)
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA temp_store=MEMORY")  # no temporary files outside the directory
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {check}")
@@ -128,25 +147,32 @@ class Manifest:
             raise
         return conn
 
+    def _select(self) -> str:
+        """Every column, a blob longer than ``max_blob`` read as NULL (then the row is not intact)."""
+        cols = [f"CASE WHEN length({c}) <= {self._max_blob} THEN {c} END" if c in _BLOBS else c
+                for c in _COLUMNS.split(", ")]
+        return f"SELECT {', '.join(cols)} FROM blocks"
+
     def _all_rows(self) -> list[tuple]:
-        return self._conn.execute(f"SELECT {_COLUMNS} FROM blocks ORDER BY last_access").fetchall()
+        return self._conn.execute(f"{self._select()} ORDER BY last_access").fetchall()
 
     def _salvage(self, why: str) -> list[tuple]:
         """Read what rows we can from a damaged file, then start a fresh one."""
         rows: list[tuple] = []
+        check_sqlite(self.path)
         try:
             conn = sqlite3.connect(self.path)
             try:
                 meta = dict(conn.execute("SELECT name, value FROM meta").fetchall())
                 if meta != self._geometry:
                     raise sqlite3.DatabaseError("unknown slot geometry")
-                for r in conn.execute(f"SELECT {_COLUMNS} FROM blocks"):
+                for r in conn.execute(self._select()):
                     rows.append(tuple(r))
             finally:
                 conn.close()
         except Exception:
             pass  # keep what was read before the damage
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in ("", "-wal", "-shm", "-journal"):
             if os.path.exists(self.path + suffix):
                 os.replace(self.path + suffix, self.path + ".corrupt" + suffix)
         self.reset_reason = f"manifest {self.path} was damaged ({why}); salvaged {len(rows)} rows, moved it to .corrupt"

@@ -21,15 +21,18 @@ class Entry:
     foreign: bool = False  # stored under another fingerprint/format: kept, never served
     pins: int = 0          # reads in flight; a pinned slot is never evicted or reused
     dropped: bool = False  # row deleted (committed); the slot is freed at the last unpin
+    tag: bytes | None = None  # with an integrity key: the digest of its key, parent and tokens (its MAC binds it)
 
 
 class SlotIndex:
-    def __init__(self, num_slots: int, entries: list[tuple[bytes, Entry]], clock: int) -> None:
-        """``entries`` oldest access first; every other slot starts free."""
+    def __init__(self, num_slots: int, entries: list[tuple[bytes, Entry]], clock: int,
+                 reserved: set[int] = frozenset()) -> None:
+        """``entries`` oldest access first; every other slot starts free but ``reserved`` ones
+        (named by rows that could not be deleted: never reused in this run)."""
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
         self._map: OrderedDict[bytes, Entry] = OrderedDict(entries)
-        used = {e.slot for _, e in entries}
+        used = {e.slot for _, e in entries} | set(reserved)
         self._free = [g for g in range(num_slots - 1, -1, -1) if g not in used]  # pop() -> slot 0 first
         self._pending: dict[bytes, cf.Future] = {}  # writes queued or in flight
         self._touched: dict[bytes, int] = {}        # access times not yet in the manifest

@@ -20,6 +20,35 @@ consecutive slots with one syscall each and hand the written rows to the
 manifest's committer, which commits each batch together. There are a few
 more workers than ``io_threads``, the syscalls in flight at once, so that
 checksums (which let go of the GIL) overlap the I/O instead of pausing it.
+
+The directory is private (kvplug/tiers/ssd_dir.py): created 0700, refused if
+another user owns it or can write it, or if it or a file of the tier is a
+link; no file is opened through a link. Every manifest row is checked before
+use (key = hash of parent and tokens, 1..block_tokens tokens, slot in range,
+bounded blob lengths, sane clock); a bad row is dropped and counted, never
+an abort.
+
+Who can plant KV. Without ``integrity_key`` every check above is keyless:
+anyone who can write the directory (this user, root, a restored backup, a
+shared or network volume) can plant a block — bytes, header, checksum and a
+consistent manifest row — that passes them all and is served as the KV of
+the tokens the row names: the model then attends to KV of their choosing for
+a prompt it never saw. With ``integrity_key`` (bytes; the config key
+``integrity_key`` reads it from an environment variable or a file) each slot
+header carries a keyed BLAKE2b MAC over the block's bytes, key, parent,
+tokens, fingerprint and format (slot_header.py), verified on every read: a
+block without a valid MAC, written without the key or with another one, is a
+miss, dropped and counted (``corruptions_mac``, ``corruptions_mac_missing``);
+a reader without a key does not serve blocks that carry one
+(``corruptions_mac_unexpected``). What the MAC does not cover: a writer can
+still delete blocks, replay this directory's own older blocks under the same
+key (same key, same tokens: the same KV, unless the cache epoch was rolled
+back through the EPOCH file, which is not authenticated), or fill the disk.
+
+The tier forgets blocks on its own (LRU eviction, corrupt or unverifiable
+blocks, rows dropped at start-up, capacity shrink): ``on_drop`` is called
+with their keys, outside the tier's locks, from the constructor (start-up
+drops, before it returns) or an I/O thread.
 """
 
 from __future__ import annotations
@@ -32,14 +61,16 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Iterator
+from collections import Counter
+from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
 
-from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
+from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, tokens_array
+from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
-from kvplug.tiers.manifest import Manifest
+from kvplug.tiers.manifest import Manifest, Row
 from kvplug.tiers.segments import Segments
 from kvplug.tiers.slot_index import Entry, SlotIndex
 from kvplug.tiers.slots import ALIGN, slot_stride
@@ -52,13 +83,29 @@ PREPARE_AHEAD = 2           # workers beyond io_threads: checksumming while the 
 MAX_BATCH = 32              # most transfers handled as one batch...
 MAX_BATCH_BYTES = 16 << 20  # ...and most bytes: big blocks gain nothing from batching
 CLOSE_TIMEOUT_S = 30.0      # close() returns within about this, whatever the disk does
+MAX_TOKENS = 1 << 16        # tokens a block may hold when block_tokens is not given
+MAX_CLOCK = 1 << 62         # a row's last_access past this is damage (the clock would overflow int64)
 
 
 class SSDTier(SSDWorkers):
     def __init__(self, path: str, capacity_bytes: int, block_bytes: int, fingerprint: bytes,
-                 io_threads: int = 4, o_direct: str = "auto", io: FileIO | None = None) -> None:
+                 io_threads: int = 4, o_direct: str = "auto", io: FileIO | None = None, *,
+                 block_tokens: int | None = None, integrity_key: bytes | None = None,
+                 on_drop: Callable[[list[bytes]], None] | None = None) -> None:
+        """``block_tokens``: most tokens a block holds (rows with more are dropped at start);
+        ``integrity_key``: a secret; blocks carry a keyed MAC and are verified on read
+        (kept only as a derived subkey, never logged); ``on_drop``: called with the keys
+        of blocks the tier forgets on its own (see the module docstring)."""
         if o_direct not in ("auto", "on", "off"):
             raise ValueError(f"o_direct={o_direct!r}; expected 'auto', 'on' or 'off'")
+        if integrity_key is not None and (not isinstance(integrity_key, (bytes, bytearray)) or not integrity_key):
+            raise ValueError("integrity_key must be non-empty bytes (or None)")
+        if block_tokens is not None and block_tokens < 1:
+            raise ValueError(f"block_tokens={block_tokens}; expected a positive integer")
+        self._mac_key = None if integrity_key is None else slot_header.derive_key(bytes(integrity_key))
+        self._on_drop = on_drop
+        self.block_tokens = block_tokens
+        self._max_tokens = block_tokens or MAX_TOKENS
         self.path = path
         self.block_bytes = block_bytes
         self.slot_stride = slot_stride(block_bytes)
@@ -72,16 +119,17 @@ class SSDTier(SSDWorkers):
         self._io_threads = io_threads
         self.degraded = False  # an I/O thread hit an unexpected error: the tier is off
         self._max_batch = max(1, min(MAX_BATCH, MAX_BATCH_BYTES // self.slot_stride))
-        os.makedirs(path, exist_ok=True)
+        ssd_dir.prepare(path)       # 0700, ours, no link: else UnsafeDirectory
+        ssd_dir.check_files(path)   # no tier file is a link (LOCK, EPOCH, manifest, segments)
         self._lock_fd = lock_directory(path)
         try:
             self.o_direct = self._choose_direct(o_direct)
             self._segments = Segments(path, self.slot_stride, self.slots_per_segment, self.o_direct,
                                       io or FileIO(), max_in_flight=io_threads)
-            self._manifest = Manifest(os.path.join(path, "manifest.sqlite3"), {
+            self._manifest = Manifest(os.path.join(path, ssd_dir.MANIFEST), {
                 "block_bytes": block_bytes, "slot_stride": self.slot_stride,
-                "slots_per_segment": self.slots_per_segment})
-            self._index = self._load()
+                "slots_per_segment": self.slots_per_segment}, max_blob=max(4096, 8 * self._max_tokens))
+            self._index, dropped = self._load()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -90,6 +138,7 @@ class SSDTier(SSDWorkers):
                          for i in range(io_threads + PREPARE_AHEAD)]
         for t in self._threads:
             t.start()
+        self._report_drops(dropped)
 
     # -- start-up -------------------------------------------------------------
 
@@ -104,41 +153,80 @@ class SSDTier(SSDWorkers):
         log.info("kvplug SSD tier: O_DIRECT unavailable in %s (%s); using buffered I/O", self.path, why)
         return False
 
-    def _load(self) -> SlotIndex:
-        """Index the manifest's rows; drop (and count) the ones that cannot be right."""
+    def _row_problem(self, r: Row) -> str | None:
+        """What makes a manifest row unusable (None: nothing). Rows are untrusted input."""
+        if len(r.key) != KEY_BYTES:
+            return "key"
+        n, odd = divmod(len(r.tokens), 8)
+        if odd or not 1 <= n <= self._max_tokens:
+            return "tokens"
+        if r.segment < 0 or not 0 <= r.slot < self.slots_per_segment:
+            return "slot"
+        if not 0 <= r.last_access < MAX_CLOCK:
+            return "clock"
+        if block_key(r.parent, np.frombuffer(r.tokens, "<i8")) != r.key:
+            return "chain"  # the key is not its parent's and tokens' hash: a lookup would mismatch
+        return None
+
+    def _load(self) -> tuple[SlotIndex, list[bytes]]:
+        """Index the manifest's rows; drop (and count) the ones that cannot be right.
+        Also returns the keys dropped (for ``on_drop``)."""
         manifest = self._manifest
-        bad = manifest.dropped_rows  # failed their row check
-        own, foreign, used, drop = [], [], set(), []
+        # Failed their row check, or held a blob too long to read: deleted by the manifest.
+        problems = Counter({"row_check": manifest.dropped_rows, "oversized": manifest.oversized_rows})
+        own, foreign, used, drop, shrunk = [], [], set(), [], 0
         for r in manifest.rows:  # oldest access first
+            problem = self._row_problem(r)
             g = r.segment * self.slots_per_segment + r.slot
-            if not 0 <= r.slot < self.slots_per_segment or g in used or len(r.key) != KEY_BYTES \
-                    or len(r.tokens) % 8:
-                bad += 1
+            if problem is None and g in used:
+                problem = "duplicate_slot"
+            if problem is not None:
+                problems[problem] += 1
                 drop.append(r.key)
             elif not 0 <= g < self.num_slots:
+                shrunk += 1
                 drop.append(r.key)  # capacity shrank since
             else:
                 used.add(g)
                 is_foreign = r.fingerprint != self.fingerprint or r.format != FORMAT_VERSION
-                (foreign if is_foreign else own).append((r.key, Entry(g, r.checksum, is_foreign)))
+                tag = None if is_foreign or self._mac_key is None else \
+                    slot_header.meta_digest(r.key, r.parent, r.tokens)
+                (foreign if is_foreign else own).append((r.key, Entry(g, r.checksum, is_foreign, tag=tag)))
+        reserved = set()
         if drop:
-            manifest.delete(drop)
+            try:
+                manifest.delete(drop)
+            except sqlite3.Error as err:  # the rows may survive: leave the slots they name unused
+                dropped_keys = set(drop)
+                reserved = {r.segment * self.slots_per_segment + r.slot for r in manifest.rows
+                            if r.key in dropped_keys}
+                log.warning("kvplug SSD tier: could not delete %d bad manifest rows in %s: %s",
+                            len(drop), self.path, err)
         # Blocks of another model or format are never served here: evict them first.
-        index = SlotIndex(self.num_slots, foreign + own,
-                          clock=max((r.last_access for r in manifest.rows), default=0))
+        index = SlotIndex(self.num_slots, foreign + own, reserved=reserved,
+                          clock=max((r.last_access for r in manifest.rows if 0 <= r.last_access < MAX_CLOCK),
+                                    default=0))
+        bad = sum(problems.values())
         index.count("corruptions", bad)
         index.count("corruptions_manifest", bad)
+        for problem, n in problems.items():
+            if n:
+                index.count(f"corruptions_manifest_{problem}", n)
+        if bad and index.first("manifest_rows"):
+            log.warning("kvplug SSD tier: dropped %d bad manifest rows in %s (%s)", bad, self.path,
+                        ", ".join(f"{k}: {n}" for k, n in problems.items() if n))
+        index.count("dropped_capacity", shrunk)
         index.count("manifest_resets", int(manifest.reset_reason is not None))
         manifest.rows = []
         self._segments.prune(self.num_slots)
-        return index
+        return index, [k for k in manifest.dropped_keys + drop if isinstance(k, bytes)]
 
     # -- public API -----------------------------------------------------------
 
     def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
         live = self._index.keys()
         for key, parent, tokens in self._manifest.entries(self.fingerprint, FORMAT_VERSION):
-            if key in live:
+            if key in live and not len(tokens) % 8 and 1 <= len(tokens) // 8 <= self._max_tokens:
                 yield key, parent, np.frombuffer(tokens, "<i8").astype(np.int64)
 
     def contains(self, key: bytes) -> bool:
@@ -147,13 +235,16 @@ class SSDTier(SSDWorkers):
     def write(self, key: bytes, parent: bytes, tokens, data) -> cf.Future:
         if len(key) != KEY_BYTES:
             raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(key)}")
+        tokens = tokens_array(tokens)
+        if not 1 <= len(tokens) <= self._max_tokens:
+            raise ValueError(f"a block holds 1..{self._max_tokens} tokens, got {len(tokens)}")
         if not self._threads:
             raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
         if self.degraded:
             return self._off()
         fut, new = self._index.begin_write(key)
         if new:
-            self._ops.put(_Op(fut, key, data, True, parent, tokens_array(tokens)))
+            self._ops.put(_Op(fut, key, data, True, parent, tokens))
         return fut
 
     def read(self, key: bytes, out) -> cf.Future:
@@ -226,6 +317,7 @@ class SSDTier(SSDWorkers):
             "blocks": own, "foreign_blocks": foreign, "bytes": own * self.block_bytes,
             "capacity_blocks": self.num_slots, "capacity_bytes": self.num_slots * self.slot_stride,
             "o_direct": int(self.o_direct), "writes_in_flight": in_flight,
+            "integrity": int(self._mac_key is not None),
         }
         with self._index.lock:
             for k in ("reads", "read_hits", "read_misses", "read_bytes", "writes", "write_failures",
@@ -260,6 +352,21 @@ class SSDTier(SSDWorkers):
             self._fault("manifest", err)
             return  # the row may survive: never reuse its slot in this run
         self._index.dropped(e)
+
+    def _report_drops(self, keys: list[bytes]) -> None:
+        """Tell the owner (``on_drop``) which blocks the tier forgot on its own. No lock is held.
+        A key written again since (live once more) is left out."""
+        if self._on_drop is None:
+            return
+        keys = [k for k in keys if self._index.live(k) is None]
+        if not keys:
+            return
+        try:
+            self._on_drop(keys)
+        except Exception as err:  # noqa: BLE001 - the owner's bug must not stop the tier
+            self._index.count("on_drop_errors")
+            if self._index.first("on_drop"):
+                log.warning("kvplug SSD tier: on_drop callback failed: %r (counted; later ones are not logged)", err)
 
     def _fault(self, op: str, err: Exception) -> None:
         kind = f"{op}_{errno.errorcode.get(getattr(err, 'errno', None) or 0, type(err).__name__)}"

@@ -46,6 +46,7 @@ class _Op:
     bounced: bool = False
     slot: int | None = None        # writes: the slot given to it
     checksum: int = 0
+    tag: bytes | None = None       # writes, with an integrity key: slot_header.meta_digest
 
 
 
@@ -113,19 +114,25 @@ class SSDWorkers:
         ready = ready[:len(slots)]
         for op, slot in zip(ready, sorted(slots)):
             op.slot = slot
-            op.checksum = slot_header.pack(op.buf, self.block_bytes, self.fingerprint, op.key)
+            if self._mac_key is not None:
+                op.tag = slot_header.meta_digest(op.key, op.parent, op.tokens.astype("<i8").tobytes())
+            op.checksum = slot_header.pack(op.buf, self.block_bytes, self.fingerprint, op.key,
+                                           self._mac_key, op.tag)
         return ready
 
     def _allocate(self, n: int) -> list[int]:
         """Up to n slots, evicting least-recently-used unpinned blocks to make room."""
         slots, victims = self._index.take_free(n)
-        if victims:
-            try:
-                self._manifest.delete([key for key, _ in victims])
-            except sqlite3.Error:
-                self._index.give_back(slots)  # the victims' rows may survive: leave their slots unused
-                raise
-            self._index.count("evictions", len(victims))
+        if not victims:
+            return slots
+        try:
+            self._manifest.delete([key for key, _ in victims])
+        except sqlite3.Error:
+            self._index.give_back(slots)  # the victims' rows may survive: leave their slots unused
+            raise
+        finally:
+            self._report_drops([key for key, _ in victims])  # out of the map either way
+        self._index.count("evictions", len(victims))
         return slots + [e.slot for _, e in victims]
 
     def _write_batch(self, ops: list[_Op]) -> None:
@@ -154,7 +161,7 @@ class SSDWorkers:
 
     def _end_write(self, op: _Op, error: BaseException | None) -> None:
         ok = error is None and op.slot is not None
-        fut = self._index.end_write(op.key, Entry(op.slot, op.checksum) if ok else None, op.slot)
+        fut = self._index.end_write(op.key, Entry(op.slot, op.checksum, tag=op.tag) if ok else None, op.slot)
         if ok:
             self._index.count("writes")
             self._index.count("write_bytes", self.block_bytes)
@@ -186,7 +193,8 @@ class SSDWorkers:
             self._fault("read", result)
         else:
             problem = "truncated" if result < self.slot_stride else slot_header.verify(
-                op.buf, self.block_bytes, self.fingerprint, op.key, op.entry.checksum)
+                op.buf, self.block_bytes, self.fingerprint, op.key, op.entry.checksum,
+                self._mac_key, op.entry.tag)
             if problem is None:
                 if op.bounced:
                     _u8(op.data)[:self.block_bytes] = np.frombuffer(op.buf, np.uint8, self.block_bytes)
@@ -202,5 +210,6 @@ class SSDWorkers:
         self._index.unpin(op.entry)
         self._index.count("read_misses")
         self._drop(op.key, op.entry)
+        self._report_drops([op.key])
         op.fut.set_result(False)
 

@@ -12,7 +12,7 @@ import pytest
 
 from kvplug.keys import block_key
 from kvplug.tiers.manifest import Row
-from kvplug.tiers.slot_header import HEADER
+from kvplug.tiers.slot_header import CHECKED_BYTES
 from kvplug.tiers.ssd import SSDTier
 from kvplug.tiers.slots import slot_stride
 from ssd_helpers import BLOCK, FP, block, content, slot
@@ -20,7 +20,7 @@ from ssd_helpers import BLOCK, FP, block, content, slot
 STRIDE = slot_stride(BLOCK)
 N = 12
 CAPACITY = 32 * STRIDE
-CHECKED = BLOCK + HEADER.size   # every byte of a slot that a read verifies
+CHECKED = BLOCK + CHECKED_BYTES  # every byte of a slot that a keyless read verifies
 KEYS = [block(i)[0] for i in range(N)]
 COLUMNS = ", ".join(Row._fields)
 
