@@ -81,6 +81,9 @@ class KVPlugConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output) -> None:
         self.scheduler.update_connector_output(connector_output)
 
+    def has_pending_block_frees(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_pending_block_frees()
+
     def take_events(self):
         return self.scheduler.take_events() if self.scheduler is not None else ()
 
@@ -155,8 +158,9 @@ def _apply_load_failure_policy(kv_transfer_config, config: KVPlugConfig) -> None
     failing requests is asked for with kvplug's ``load_failure_policy: fail``."""
     wanted = config.load_failure_policy
     if kv_transfer_config.kv_load_failure_policy != wanted:
-        log.info("kvplug: kv_load_failure_policy %r -> %r (kvplug's load_failure_policy)",
-                 kv_transfer_config.kv_load_failure_policy, wanted)
+        log.warning("kvplug: vLLM's kv_load_failure_policy %r -> %r, from kvplug's load_failure_policy (vLLM "
+                    "cannot tell its default from an explicit choice; set load_failure_policy in "
+                    "kv_connector_extra_config to change it)", kv_transfer_config.kv_load_failure_policy, wanted)
         kv_transfer_config.kv_load_failure_policy = wanted
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -48,7 +48,10 @@ class SchedulerHalf:
         self._events = KVEventLog(self.T) if kv_events else None
         self.stats = KVPlugStats()
         self.policy = LoadPolicy(config.load_policy)
-        self._step: tuple[float, int] | None = None  # (start, tokens) of the step in flight: prefill speed
+        # (start, tokens) of each step in flight, oldest first (async scheduling builds step N+1
+        # before step N's output arrives): prefill speed from the prefill-sized ones
+        self._steps: deque[tuple[float, int]] = deque()
+        self._skip_warned: set[str] = set()
         self._reqs: dict[str, RequestState | None] = {}  # None: a request kvplug cannot key
         self._planned: list[RequestState] = []
         self._jobs = JobTable(geo.tp_size)  # each job is done once every tensor-parallel worker reports it
@@ -150,8 +153,7 @@ class SchedulerHalf:
 
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
         meta = KVPlugMetadata(slab=(self.store.cpu.name, self.store.cpu.nonce))
-        if scheduler_output.total_num_scheduled_tokens >= self.T:  # a prefill-sized step: time it
-            self._step = (time.monotonic(), scheduler_output.total_num_scheduled_tokens)
+        self._steps.append((time.monotonic(), scheduler_output.total_num_scheduled_tokens))
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for st in self._planned:
             if st.phase is not LoadPhase.PLANNED:
@@ -170,9 +172,12 @@ class SchedulerHalf:
         block_state = scheduler_output.kv_connector_block_state
         for req_id, num_new in scheduler_output.num_scheduled_tokens.items():
             st = self._reqs.get(req_id)
-            if st is None or st.epoch != self.store.epoch:
+            if st is None or st.epoch != self.store.epoch or st.tainted:
                 continue
             req = st.request
+            if req.mm_features or req.prompt_embeds is not None:  # a session that gained inputs kvplug cannot key
+                st.tainted = True
+                continue
             # Full blocks whose KV exists once this step has run.
             done = min(req.num_computed_tokens + num_new, req.num_tokens) // self.T
             if done > st.next_block:
@@ -205,9 +210,10 @@ class SchedulerHalf:
         return SaveJob(job.job_id, st.req_id, [p[0] for p in picked], [p[1] for p in picked])
 
     def update_connector_output(self, output) -> None:
-        if self._step is not None:
-            self.policy.observe_prefill(self._step[1], time.monotonic() - self._step[0])
-            self._step = None
+        if self._steps:
+            start, tokens = self._steps.popleft()
+            if tokens >= self.T:  # a prefill-sized step
+                self.policy.observe_prefill(tokens, time.monotonic() - start)
         wm = output.kv_connector_worker_meta
         if isinstance(wm, KVPlugWorkerMetadata):
             self._on_worker_meta(wm)
@@ -237,11 +243,17 @@ class SchedulerHalf:
         never any block computed on top of the bad KV, whichever request computed it."""
         self.stats.add("load_failed_blocks", len(failed))
         job = self._jobs.get(job_id)
-        if job is not None and job.is_load:
+        owner = job.state if job is not None and job.is_load else None
+        if owner is not None:  # vLLM rolls the owner back to its first failed block and recomputes
             bad = [j for j, b in enumerate(job.block_ids) if b in failed]
-            job.state.next_block = min(job.state.next_block, job.first_block + min(bad, default=0))
+            owner.next_block = min(owner.next_block, job.first_block + min(bad, default=0))
         for poisoned in self._jobs.poison(failed):
-            poisoned.state.next_block = min(poisoned.state.next_block, poisoned.first_block)
+            if poisoned.state is owner:
+                owner.next_block = min(owner.next_block, poisoned.first_block)
+            else:
+                # Another request computed over the bad block (a vLLM prefix-cache hit on it);
+                # vLLM may keep that KV as computed: it never saves again.
+                poisoned.state.tainted = True
 
     def _complete(self, job: Job) -> None:
         st = job.state
@@ -262,6 +274,11 @@ class SchedulerHalf:
                 self.store.complete_store(job.keys)
                 self.stats.add("stored_blocks", len(job.keys))
 
+    def has_pending_block_frees(self) -> bool:
+        """Finished requests whose blocks vLLM holds until their saves are written: under KV
+        pressure vLLM may wait for them instead of preempting."""
+        return any(st is not None and st.finished for st in self._reqs.values())
+
     def take_events(self) -> list:
         return [] if self._events is None else self._events.events(self.store.take_events())
 
@@ -275,7 +292,7 @@ class SchedulerHalf:
             return False, None
         if st.phase in (LoadPhase.PINNED, LoadPhase.PLANNED):
             self._drop(st)
-        if self.config.store_partial_blocks and st.epoch == self.store.epoch:
+        if self.config.store_partial_blocks and st.epoch == self.store.epoch and not st.tainted:
             self._store_tail(st, block_ids)
         st.finished = True
         if st.busy():
@@ -333,6 +350,10 @@ class SchedulerHalf:
             self._reqs[req_id] = None
             self.stats.add("skipped_requests")
             self.stats.add(f"skipped_{why}")
+            if str(why) not in self._skip_warned:
+                self._skip_warned.add(str(why))
+                log.warning("kvplug: requests with %s are neither stored nor loaded (counted in "
+                            "vllm:kvplug_skipped_%s; logged once)", str(why).replace("_", " "), why)
             return None
         epoch = self.store.epoch
         st = RequestState(request, request_root(self.geo.root, epoch, identity), epoch, self.T)

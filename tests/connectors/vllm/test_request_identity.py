@@ -153,7 +153,11 @@ def test_a_failed_load_poisons_saves_of_another_request_over_the_same_block(engi
     assert errors == {engine.blocks["b"][0]}
     assert [s.req_id for s in meta.saves] == ["c"]
     assert engine.sched.stats.data["aborted_blocks"] == 1  # c's block 2: computed over the bad block
-    assert engine.sched._reqs["c"].next_block == 2  # c stores it again once recomputed
+    # vLLM may keep c's KV as computed (it only rolls back the load's owner): c never saves again.
+    assert engine.sched._reqs["c"].tainted and not engine.sched._reqs["b"].tainted
+    meta, _, _ = engine.step({c: 1})
+    assert meta.saves == []
+    assert engine.sched._reqs["b"].next_block == 0  # b, the owner, is recomputed from block 0: saved again
 
 
 def test_results_asked_for_before_wait_for_save_arrive_in_a_later_step(engine):
@@ -234,3 +238,23 @@ def test_hooks_of_layers_outside_kvplugs_group_are_skipped(engine):
     engine.worker.start_load(meta)
     engine.worker.wait_for_layer("model.layers.99.kv_shared_attn")  # no KeyError
     engine.worker.save_layer("model.layers.99.kv_shared_attn", meta)
+
+
+def test_a_session_that_gains_multimodal_inputs_stops_saving(engine):
+    a = engine.request("a", PROMPT + PROMPT)
+    engine.schedule(a)
+    engine.step({a: 48})
+    a.mm_features = [object()]  # a streaming session appended an image
+    meta, _, _ = engine.step({a: 48})
+    assert meta.saves == [] and engine.sched._reqs["a"].tainted
+
+
+def test_vllm_may_wait_for_blocks_held_for_saves_instead_of_preempting(engine):
+    a = engine.request("a", PROMPT[:40])
+    engine.schedule(a)
+    engine.step({a: 40})
+    assert not engine.sched.has_pending_block_frees()
+    assert engine.sched.request_finished(a, engine.blocks["a"]) == (True, None)  # its tail is saved next step
+    assert engine.sched.has_pending_block_frees()
+    _, finished, _ = engine.step({})
+    assert finished == {"a"} and not engine.sched.has_pending_block_frees()
