@@ -41,7 +41,6 @@ from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from kvplug import epoch
 from kvplug.block_state import BlockState, IllegalTransition, Resident
@@ -76,23 +75,26 @@ class TieredStore(SSDTransfers):
         # A shared slab is pinned by the worker that attaches it, where the GPU copies happen.
         self.cpu = CPUTier.create(config.cpu_bytes, block_bytes, name if config.shared_memory else None,
                                   config.shm_dir, pin=not config.shared_memory)
+        # What the SSD tier's on_drop touches exists before the tier (it reports start-up drops).
+        self._lock = threading.Lock()
+        self._index = PrefixIndex(fingerprint, layout.block_tokens)
+        self._resident: dict[bytes, Resident] = {}
+        self._on_ssd: set[bytes] = set()
         if ssd is None and config.ssd_path:
             try:
                 ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
-                              io_threads=config.io_threads, o_direct=config.o_direct)
+                              io_threads=config.io_threads, o_direct=config.o_direct,
+                              block_tokens=layout.block_tokens, integrity_key=config.integrity_secret(),
+                              on_drop=self._ssd_dropped)
             except BaseException:
                 self.cpu.close()  # leave no slab behind in /dev/shm
                 self.cpu.unlink()
                 raise
         self.ssd = ssd
-        self._index = PrefixIndex(fingerprint, layout.block_tokens)
         self._policy = make_policy(config.eviction, self.cpu.num_slots)
-        self._resident: dict[bytes, Resident] = {}
-        self._on_ssd: set[bytes] = set()
         self._writes = self._reads = 0                    # SSD transfers queued or in flight
         self._stats = StoreCounters(self.block_tokens, ssd=self.ssd is not None)
         self._events: list[tuple[bool, bytes]] | None = [] if events else None  # (entered?, key)
-        self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)      # SSD transfers finished
         self._closed = False
         self.epoch = epoch.load(config.ssd_path if ssd is not None else None)
@@ -202,7 +204,7 @@ class TieredStore(SSDTransfers):
         if slot is None:
             return entry.key in self
         try:
-            _copy_into(self.cpu.block_view(slot), data)
+            self.cpu.write_block(slot, data)
         except BaseException:
             self.abort_store([entry.key])
             raise
@@ -321,6 +323,12 @@ class TieredStore(SSDTransfers):
         if key not in self._on_ssd:
             self._index.remove(key)
 
+    def _ssd_dropped(self, keys: list[bytes]) -> None:
+        """The SSD tier forgot these blocks on its own (eviction, corruption, a failed MAC, start-up)."""
+        with self._lock:
+            for key in keys:
+                self._forget_ssd_copy(key)
+
     def _forget_ssd_copy(self, key: bytes) -> None:
         self._on_ssd.discard(key)
         block = self._resident.get(key)
@@ -392,13 +400,3 @@ class TieredStore(SSDTransfers):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _copy_into(dst: torch.Tensor, data) -> None:
-    """Copy a block's bytes (a contiguous tensor, array or bytes-like of any dtype) into a slot."""
-    if isinstance(data, torch.Tensor):
-        data = data.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
-    src = np.frombuffer(data, dtype=np.uint8)
-    if src.size != dst.numel():
-        raise ValueError(f"a block is {dst.numel()} bytes, got {src.size}")
-    np.copyto(dst.numpy(), src)

@@ -37,6 +37,7 @@ import os
 import secrets
 import struct
 
+import numpy as np
 import torch
 
 from kvplug.tiers.slots import slot_stride
@@ -213,6 +214,15 @@ class CPUTier:
     def block_view(self, slot: int) -> torch.Tensor:
         """The block's bytes in a slot (``block_bytes``)."""
         return self.buffer[slot, : self.block_bytes]
+
+    def write_block(self, slot: int, data) -> None:
+        """Copy a block's bytes (a contiguous tensor, array or bytes-like of any dtype) into a slot."""
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        src, dst = np.frombuffer(data, dtype=np.uint8), self.block_view(slot)
+        if src.size != dst.numel():
+            raise ValueError(f"a block is {dst.numel()} bytes, got {src.size}")
+        np.copyto(dst.numpy(), src)
 
     @property
     def num_free(self) -> int:
