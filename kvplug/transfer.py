@@ -59,10 +59,11 @@ class _Batch:
 
 
 @dataclass
-class SaveTicket:
-    """The saves issued up to ``seal_saves``: done once every one of them is in the slab."""
+class Ticket:
+    """The loads or saves issued up to ``seal_loads`` / ``seal_saves``: done once every one of
+    them has landed (in the paged KV, or in the slab)."""
     futures: list[Future]
-    event: object = None         # CUDA: recorded on the copy stream after the last copy
+    event: object = None         # CUDA: recorded on the decode (loads) or copy (saves) stream after the last op
     block_ids: set[int] = field(default_factory=set)
 
     def done(self) -> bool:
@@ -137,7 +138,7 @@ class LayerPipeline:
     def _start_save(self, batch: _Batch, layer: int) -> Future:
         raise NotImplementedError
 
-    def _ticket(self, futures: list[Future], block_ids: set[int]) -> SaveTicket:
+    def _ticket(self, futures: list[Future], block_ids: set[int], load: bool = False) -> Ticket:
         raise NotImplementedError
 
     def _sync_loads(self) -> None:
@@ -157,6 +158,22 @@ class LayerPipeline:
         batch = self._prepare(blocks, True, self._failed_loads)
         if batch is not None:
             self._start_load(batch)
+
+    def seal_loads(self, block_ids: set[int]) -> Ticket:
+        """The loads issued so far (of ``block_ids``) as one ticket, polled with ``done()``: once
+        done, their slots may be reused. Their failures are known earlier (``failed_loads``)."""
+        futures, self._loads = self._loads, []
+        return self._ticket(futures, set(block_ids), load=True)
+
+    def failed_loads(self, ticket: Ticket) -> set[int]:
+        """The blocks of a ticket's loads that failed. Waits only for the loads to be issued
+        (after the forward pass they are: it waited for every layer), never for the device."""
+        for fut in ticket.futures:
+            fut.result()
+        with self._lock:
+            failed = self._failed_loads & ticket.block_ids
+            self._failed_loads -= failed
+        return failed
 
     def finish_load(self) -> list[int]:
         """Wait until every queued load landed; the block ids that failed since the last call."""
@@ -178,13 +195,13 @@ class LayerPipeline:
         if batch is not None:
             self._saves.append(self._start_save(batch, layer))
 
-    def seal_saves(self, block_ids: set[int]) -> SaveTicket:
+    def seal_saves(self, block_ids: set[int]) -> Ticket:
         """The saves issued so far (of ``block_ids``) as one ticket; ``ticket.done()`` polls
         them without blocking (CPU: the transfer thread's futures; CUDA: an event)."""
         futures, self._saves, self._save_batch = self._saves, [], None
         return self._ticket(futures, set(block_ids))
 
-    def failed_saves(self, ticket: SaveTicket) -> set[int]:
+    def failed_saves(self, ticket: Ticket) -> set[int]:
         """The blocks of a done ticket that could not be written."""
         with self._lock:
             failed = self._failed_saves & ticket.block_ids

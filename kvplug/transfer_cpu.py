@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from kvplug.transfer import LayerPipeline, SaveTicket, _Batch
+from kvplug.transfer import LayerPipeline, Ticket, _Batch
 from kvplug.transfer_movers import gather_rows, is_run, scatter_rows
 
 log = logging.getLogger("kvplug")
@@ -55,8 +55,8 @@ class CPUPipeline(LayerPipeline):
     def _start_save(self, batch: _Batch, layer: int) -> Future:
         return self._save_worker.submit(self._save_job, batch, layer)
 
-    def _ticket(self, futures: list[Future], block_ids: set[int]) -> SaveTicket:
-        return SaveTicket(futures, None, block_ids)
+    def _ticket(self, futures: list[Future], block_ids: set[int], load: bool = False) -> Ticket:
+        return Ticket(futures, None, block_ids)
 
     def _load_job(self, batch: _Batch, ready: list[threading.Event]) -> None:
         lb = self.layer_bytes

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from kvplug.transfer import LayerPipeline, SaveTicket, _Batch
+from kvplug.transfer import LayerPipeline, Ticket, _Batch
 from kvplug.transfer_movers import MOVERS, RING, cudart
 
 log = logging.getLogger("kvplug")
@@ -80,11 +80,13 @@ class CUDAPipeline(LayerPipeline):
         ready.record(torch.cuda.current_stream(self.device))  # the layer's KV is written once this passes
         return self._run(self._save_worker, self._save_job, batch, layer, ready)
 
-    def _ticket(self, futures: list[Future], block_ids: set[int]) -> SaveTicket:
+    def _ticket(self, futures: list[Future], block_ids: set[int], load: bool = False) -> Ticket:
         event = torch.cuda.Event()
-        # Recorded by the save thread after it issued everything before: FIFO, no host sync.
-        futures = futures + [self._run(self._save_worker, event.record, self._sv_copy)]
-        return SaveTicket(futures, event, block_ids)
+        # Recorded by the thread that issued everything before it (FIFO), on the stream that
+        # finishes last in that direction: no host sync.
+        worker, stream = (self._load_worker, self._ld_codec) if load else (self._save_worker, self._sv_copy)
+        futures = futures + [self._run(worker, event.record, stream)]
+        return Ticket(futures, event, block_ids)
 
     def _sync_loads(self) -> None:
         self._ld_codec.synchronize()

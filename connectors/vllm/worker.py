@@ -25,7 +25,7 @@ import torch
 from kvplug.config import ConfigError, KVPlugConfig, parse_cpu_list
 from kvplug.layout import paged_view
 from kvplug.tiers.cpu import CPUTier
-from kvplug.transfer import LayerPipeline, SaveTicket
+from kvplug.transfer import LayerPipeline, Ticket
 
 from .cpu_layout import probe_block_strides
 from .layout_check import self_check
@@ -57,10 +57,10 @@ class WorkerHalf:
         self._meta: KVPlugMetadata | None = None  # the step begun last
         self._saves: list[tuple[int, int]] = []   # this step's (block, slot)s to save
         self._saved_layers: set[int] = set()
-        self._loads: list[LoadJob] = []           # started, not collected
+        self._loads: list[tuple[Ticket, list[LoadJob], bool]] = []  # started: (ticket, jobs, failures reported)
         self._partial_failed: set[int] = set()    # failed blocks of partial loads run ahead of the step
         self._open_saves: dict[int, str] = {}     # save job -> request, until written
-        self._sealed: list[tuple[SaveTicket, list[SaveJob]]] = []  # issued saves, polled until written
+        self._sealed: list[tuple[Ticket, list[SaveJob]]] = []  # issued saves, polled until written
         self._release: set[str] = set()           # finished requests to report once their saves are done
         self._errors: set[int] = set()            # failed vLLM blocks, for get_block_ids_with_load_errors
         self._out = KVPlugWorkerMetadata()
@@ -130,10 +130,10 @@ class WorkerHalf:
             return
         T = self.geo.block_tokens
         blocks = [(b, s, n) for job in meta.loads for b, s, n in zip(job.block_ids, job.slots, job.num_tokens)]
-        self._loads += meta.loads
         self.stats.add("load_bytes", len(blocks) * self.geo.shard_bytes)
         if pipe.cuda:
             pipe.start_load(blocks)
+            self._seal_loads(meta)
             return
         # A block the request hit only partly gets its hit tokens, and the forward
         # pass writes the rest. On CPU the load runs on a thread beside the forward
@@ -143,6 +143,11 @@ class WorkerHalf:
             pipe.start_load(partial)
             self._partial_failed.update(pipe.finish_load())
         pipe.start_load([blk for blk in blocks if blk[2] == T])
+        self._seal_loads(meta)
+
+    def _seal_loads(self, meta: KVPlugMetadata) -> None:
+        ticket = self._pipe.seal_loads({b for job in meta.loads for b in job.block_ids})
+        self._loads.append((ticket, meta.loads, False))
 
     def wait_for_layer(self, layer_name: str) -> None:
         layer = self._layer.get(layer_name)  # layers outside kvplug's group (e.g. KV-sharing) are not moved
@@ -179,16 +184,19 @@ class WorkerHalf:
     def _collect(self) -> None:
         """Move what has finished into the step's answers. Idempotent; a load's failures are
         taken before any save is reported, so a save computed over them is never reported first."""
-        if self._loads:
-            failed = set(self._pipe.finish_load()) | self._partial_failed
-            self._partial_failed = set()
-            for job in self._loads:
-                bad = sorted(failed.intersection(job.block_ids))
-                if bad:
-                    self._out.failed[job.job_id] = bad
-                    self._errors.update(bad)
+        for k, (ticket, jobs, reported) in enumerate(self._loads):
+            if not reported:  # failures in the step of the load (vLLM recomputes them at once)
+                failed = self._pipe.failed_loads(ticket) | self._partial_failed
+                self._partial_failed = set()
+                for job in jobs:
+                    bad = sorted(failed.intersection(job.block_ids))
+                    if bad:
+                        self._out.failed[job.job_id] = bad
+                        self._errors.update(bad)
+                self._loads[k] = (ticket, jobs, True)
+        while self._loads and self._loads[0][0].done():  # landed: the scheduler may unpin the slots
+            for job in self._loads.pop(0)[1]:
                 self._out.done[job.job_id] = 1
-            self._loads = []
         while self._sealed and self._sealed[0][0].done():  # in order: tickets complete in FIFO order
             ticket, jobs = self._sealed.pop(0)
             unsaved = self._pipe.failed_saves(ticket)

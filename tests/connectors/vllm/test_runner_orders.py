@@ -179,7 +179,7 @@ def test_async_saves_never_wait_inside_the_step_and_release_only_once_written(tm
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_no_host_synchronization_inside_a_cuda_step(tmp_path, vllm_config, monkeypatch):
+def test_no_host_synchronization_inside_a_cuda_step_with_saves_or_loads(tmp_path, vllm_config, monkeypatch):
     e = Engine(tmp_path, device="cuda")
     try:
         run = Runner(e, vllm_config, monkeypatch, "v2")
@@ -190,10 +190,14 @@ def test_no_host_synchronization_inside_a_cuda_step(tmp_path, vllm_config, monke
             monkeypatch.setattr(owner, name, lambda *a, _o=original, _n=name, **k: (syncs.append(_n), _o(*a, **k))[1])
         a = e.request("a", PROMPT)
         e.schedule(a)
-        run.step({a: len(PROMPT)})
-        b = e.request("b", list(range(300, 348)))
-        e.schedule(b)
-        run.step({b: 48})
+        run.step({a: len(PROMPT)})  # saves
+        for _ in range(100):  # the saves land asynchronously; later steps report them
+            if e.sched.stats.data.get("stored_blocks") == 3:
+                break
+            run.step({})
+        b = e.request("b", PROMPT + [1])
+        assert e.schedule(b) == len(PROMPT)
+        run.step({b: 1})  # a load, then attention over it, then its results
         assert syncs == []
     finally:
         e.close()
