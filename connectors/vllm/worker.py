@@ -68,7 +68,8 @@ class WorkerHalf:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.geo.layer_names if n not in kv_caches]
         if missing:
-            raise ValueError(f"kvplug: vLLM registered no KV cache for layers {missing[:3]}...")
+            raise ValueError(f"kvplug: vLLM registered no KV cache for layers {missing[:3]}; expected one "
+                             f"tensor per attention layer of the KV cache group ({len(self.geo.layer_names)} layers)")
         # paged_view raises with a clear message when a tensor does not fit the layout.
         geo = self.geo
         strides = probe_block_strides(geo.layout) if geo.cpu_backend else None
