@@ -173,3 +173,176 @@ def test_match_equals_oracle(stored, query):
             blocks[key] = (parent, tokens[i : i + BT])
             parent = key
     assert covered(index, query) == oracle(blocks, query)
+
+
+# -- the compact layout: ids, hash table, token widths, sibling groups ------------------
+
+
+def check_structure(index):
+    """Every stored key is found at its own table slot, and the table holds nothing else."""
+    table = list(index._table)
+    live = [i for i in range(len(index._kids)) if index._len[i]]
+    assert len(live) == len(index) == sum(i >= 0 for i in table)
+    for i in live:
+        key = bytes(index._keys[16 * i:16 * i + 16])
+        assert table[index._slot(key)] == i
+        assert index.entry(key)[0] == bytes(index._parents[16 * i:16 * i + 16])
+    assert sorted(i for i in table if i >= 0) == live
+    assert len(index._table) >= 2 * len(index)
+
+
+def test_tokens_are_int32_until_one_does_not_fit():
+    index = PrefixIndex(ROOT, BT)
+    small = chain(index, [0, 1, 2**31 - 1, 5, 6])
+    assert index.token_dtype == np.int32
+    assert index.entry(small[0])[1].tolist() == [0, 1, 2**31 - 1, 5]
+    assert index.entry(small[0])[1].dtype == np.int64
+    big = chain(index, [7, -1, 2**40, 9])
+    assert index.token_dtype == np.int64  # widened: every block keeps its exact tokens
+    assert index.entry(big[0])[1].tolist() == [7, -1, 2**40, 9]
+    assert index.entry(small[1])[1].tolist() == [6]
+    assert covered(index, [0, 1, 2**31 - 1, 5, 6]) == 5
+    assert covered(index, [7, -1, 2**40, 9]) == 4
+    assert covered(index, [7, -1, 2**40 + 1]) == 2
+    for edge in ([-(2**31), 1], [2**31, 1], [-(2**31) - 1]):
+        index = PrefixIndex(ROOT, BT)
+        key = chain(index, edge)[0]
+        assert index.token_dtype == (np.int32 if edge[0] == -(2**31) else np.int64)
+        assert index.entry(key)[1].tolist() == edge
+        assert covered(index, edge) == len(edge)
+
+
+@pytest.mark.parametrize("bt", [16, 48, 49, 128])  # up to 48 tokens tested on their bits first
+def test_int32_fallback_for_long_blocks(bt):
+    index = PrefixIndex(ROOT, bt)
+    base = np.arange(bt, dtype=np.int64)
+    negative = base.copy()
+    negative[bt // 2] = -(2**31)
+    k1 = block_key(ROOT, negative)
+    assert index.insert(k1, ROOT, negative) and index.token_dtype == np.int32
+    huge = base.copy()
+    huge[bt - 3] = 2**31
+    k2 = block_key(ROOT, huge)
+    assert index.insert(k2, ROOT, huge) and index.token_dtype == np.int64
+    assert index.entry(k1)[1].tolist() == negative.tolist()
+    assert index.entry(k2)[1].tolist() == huge.tolist()
+    assert index.match(huge) == [(k2, bt)]
+    wrapped = huge.copy()
+    wrapped[bt - 3] = -(2**31)  # == 2^31 as int32
+    assert index.match(wrapped) == [(k2, bt - 3)]  # k1 shares bt // 2
+
+
+def test_a_query_token_past_int32_never_matches_its_wrapped_value():
+    index = PrefixIndex(ROOT, BT)
+    keys = chain(index, [1, 2, 3, 4, 5, 6, 7])
+    assert index.token_dtype == np.int32
+    assert index.match([1, 2, 3, 2**32 + 4]) == [(keys[0], 3)]
+    assert index.match([1, 2, 3, 4, 5, 6 - 2**32]) == [(keys[0], 4), (keys[1], 1)]
+
+
+def test_removed_ids_are_reused_and_the_table_stays_consistent():
+    rng = np.random.default_rng(1)
+    index, model = PrefixIndex(ROOT, BT), {}
+    for step in range(6000):
+        if model and rng.random() < 0.45:
+            key = list(model)[int(rng.integers(len(model)))]
+            assert index.remove(key)
+            del model[key]
+        else:
+            tokens = rng.integers(0, 1000, int(rng.integers(1, BT + 1))).tolist()
+            parent = list(model)[int(rng.integers(len(model)))] if model and rng.random() < 0.7 else ROOT
+            key = block_key(parent, tokens)
+            assert index.insert(key, parent, tokens) == (key not in model)
+            model[key] = (parent, tokens)
+        if step % 1000 == 999:
+            check_structure(index)
+    check_structure(index)
+    assert len(index._kids) < 6000 * 0.6  # ids of removed blocks were taken again
+    for key, (parent, tokens) in model.items():
+        assert key in index
+        got_parent, got_tokens = index.entry(key)
+        assert got_parent == parent and got_tokens.tolist() == tokens
+    for key in list(model):
+        assert index.remove(key)
+    assert len(index) == 0 and not index._loose and all(g is None for g in index._groups)
+    check_structure(index)
+
+
+def test_a_reused_id_never_matches_past_its_own_length():
+    index = PrefixIndex(ROOT, BT)
+    full = chain(index, [1, 2, 3, 4])[0]
+    index.remove(full)
+    short = chain(index, [1, 2])[0]  # takes the id of the full block: its row still ends in 3, 4
+    assert index.match([1, 2, 3, 4]) == [(short, 2)]
+    other = chain(index, [1, 9])[0]  # two siblings: the group scan must clamp too
+    assert index.match([1, 2, 3, 4]) == [(short, 2)]
+    assert index.match([1, 9, 9]) == [(other, 2)]
+
+
+def test_siblings_grow_into_a_group_and_shrink_back():
+    index = PrefixIndex(ROOT, BT)
+    head = chain(index, [1, 2, 3, 4])[0]
+    kids = [chain(index, [1, 2, 3, 4, 5, i, 7, 8])[1] for i in range(50)]
+    tail = chain(index, [1, 2, 3, 4, 9])[1]
+    assert covered(index, [1, 2, 3, 4, 5, 17, 7, 8]) == 8
+    assert covered(index, [1, 2, 3, 4, 5, 17, 7, 0]) == 7
+    assert index.match([1, 2, 3, 4, 9, 9]) == [(head, 4), (tail, 1)]
+    for key in kids[1:]:
+        assert index.remove(key)
+    assert covered(index, [1, 2, 3, 4, 5, 0, 7, 8]) == 8  # group of two: kids[0], tail
+    assert index.remove(tail)
+    assert index.match([1, 2, 3, 4, 5, 0, 7]) == [(head, 4), (kids[0], 3)]  # back to one child
+    assert index.remove(kids[0])
+    assert index.match([1, 2, 3, 4, 5]) == [(head, 4)]
+    assert all(g is None for g in index._groups)
+    again = chain(index, [1, 2, 3, 4, 6])[1]
+    assert index.match([1, 2, 3, 4, 6]) == [(head, 4), (again, 1)]
+    check_structure(index)
+
+
+def test_children_stored_before_their_parent_are_adopted():
+    # The SSD manifest has no order: a child may come back before its parent.
+    tokens = list(range(20))
+    keys = chain(PrefixIndex(ROOT, BT), tokens)
+    index, parent = PrefixIndex(ROOT, BT), ROOT
+    entries = []
+    for i, key in enumerate(keys):
+        entries.append((key, parent, tokens[i * BT:(i + 1) * BT]))
+        parent = key
+    for key, parent, block in reversed(entries):
+        index.insert(key, parent, block)
+        assert covered(index, tokens) == (20 if key == keys[0] else 0)
+    index.remove(keys[2])
+    assert covered(index, tokens) == 8
+    index.insert(*entries[2])
+    assert covered(index, tokens) == 20
+    check_structure(index)
+
+
+def test_keys_must_be_16_bytes():
+    index = PrefixIndex(ROOT, BT)
+    key = chain(index, [1, 2])[0]
+    with pytest.raises(ValueError):
+        index.insert(b"short", ROOT, [1])
+    with pytest.raises(ValueError):
+        index.insert(b"k" * 16, b"short", [1])
+    assert key in index and key[:8] not in index and b"" not in index  # never a prefix match
+    assert not index.remove(key[:8])
+    with pytest.raises(KeyError):
+        index.entry(key[:8])
+
+
+def test_table_growth_and_deletion_across_many_sizes():
+    # Rehashing places ids in bulk, wrapping runs past the table's end; deletion shifts
+    # runs back. Many small random tables cover both.
+    rng = np.random.default_rng(2)
+    for trial in range(300):
+        index, keys = PrefixIndex(ROOT, BT), []
+        for _ in range(int(rng.integers(5, 70))):
+            tokens = rng.integers(0, 2**31, 3).tolist()
+            keys.append(block_key(ROOT, tokens))
+            index.insert(keys[-1], ROOT, tokens)
+        for key in keys[::3]:
+            index.remove(key)
+        check_structure(index)
+        assert all((k in index) == (i % 3 != 0) for i, k in enumerate(keys))
