@@ -73,14 +73,26 @@ def _chain(seed: int, i: int, bt: int) -> np.ndarray:
     return np.random.default_rng((seed, i)).integers(0, VOCAB, CHAIN * bt, dtype=np.int64)
 
 
-def _batch(seed: int, first: int, count: int, bt: int) -> list[tuple[bytes, bytes, np.ndarray]]:
+def _old_chain_keys(root: bytes, tokens: np.ndarray, bt: int) -> list[bytes]:
+    """Keys as the old index hashes them (xxh3-128; kvplug's keys are SHA-256 based since)."""
+    import xxhash
+
+    raw, step, keys, parent = tokens.tobytes(), bt * 8, [], root
+    for i in range(len(tokens) // bt):
+        parent = xxhash.xxh3_128_digest(parent + raw[i * step:(i + 1) * step])
+        keys.append(parent)
+    return keys
+
+
+def _batch(seed: int, first: int, count: int, bt: int, which: str = "new") -> list[tuple[bytes, bytes, np.ndarray]]:
     from kvplug.keys import chain_keys
 
+    chain = chain_keys if which == "new" else _old_chain_keys
     out = []
     for c in range(first, first + count):
         tokens = _chain(seed, c, bt)
         parent = ROOT_KEY
-        for j, key in enumerate(chain_keys(ROOT_KEY, tokens, bt)):
+        for j, key in enumerate(chain(ROOT_KEY, tokens, bt)):
             out.append((key, parent, tokens[j * bt:(j + 1) * bt].copy()))  # own array, as ssd.entries() yields
             parent = key
     return out
@@ -116,13 +128,13 @@ def _match_us(fn, queries) -> tuple[float, float]:
 def child(which: str, bt: int, blocks: int, seed: int = 0) -> dict:
     index_cls = _load_index(which)
     chains = blocks // CHAIN
-    _batch(seed + 1, 0, BATCH_CHAINS, bt)  # warm the allocator's pools for a batch
+    _batch(seed + 1, 0, BATCH_CHAINS, bt, which)  # warm the allocator's pools for a batch
     gc.collect()
     rss0 = _rss()
     index = index_cls(ROOT_KEY, bt)
     insert_s = insert_cpu_s = 0.0
     for first in range(0, chains, BATCH_CHAINS):
-        batch = _batch(seed, first, min(BATCH_CHAINS, chains - first), bt)
+        batch = _batch(seed, first, min(BATCH_CHAINS, chains - first), bt, which)
         insert = index.insert
         t0, c0 = time.perf_counter(), time.process_time()
         for key, parent, tokens in batch:

@@ -42,11 +42,9 @@ from array import array
 from typing import Sequence
 
 import numpy as np
-import xxhash
 
-from .keys import KEY_BYTES, tokens_array
+from .keys import KEY_BYTES, hash_key, tokens_array
 
-xxh3_128_digest = xxhash.xxh3_128_digest
 
 # Bits 31..63 of a little-endian int64 word: a token outside [0, 2^31) sets one of them.
 # int.from_bytes(tokens.tobytes()) & (this word repeated per token) tests a whole block in
@@ -302,7 +300,7 @@ class PrefixIndex:
         raw = query.tobytes()  # int64: 8 bytes a token; == block_key(parent, query[pos:pos + bt])
         step = bt * 8
         for start in range(0, len(raw) - step + 1, step):
-            key = xxh3_128_digest(parent + raw[start:start + step])
+            key = hash_key(parent + raw[start:start + step])
             h = hash(key) & mask  # _find, inlined: the hot loop
             i = table[h]
             while i >= 0 and not at(key, i << 4):

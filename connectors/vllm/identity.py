@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import xxhash
 
-from kvplug.keys import fingerprint
+from kvplug.keys import fingerprint, hash_key
 
 log = logging.getLogger("vllm.kvplug")
 
@@ -152,4 +152,4 @@ def lora_digest(path: str) -> str:
 
 def request_root(store_root: bytes, epoch: bytes, identity: tuple) -> bytes:
     """The parent key of a request's first block: the store, its epoch and the request's identity."""
-    return xxhash.xxh3_128_digest(store_root + epoch + json.dumps(identity).encode())
+    return hash_key(store_root + epoch + json.dumps(identity).encode())
