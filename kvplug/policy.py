@@ -5,12 +5,23 @@ it served, the engine's prefill speed from the steps it ran. Until both are
 measured the policy loads (a miss costs a full recompute, a needless load
 only a transfer). Estimates are exponentially weighted so they follow the
 machine (a busy SSD, a larger batch).
+
+Slow tiers (SSD, remote) are always checked, whatever the mode: "always" loads
+every CPU hit, but a promotion measured to be slower than recomputing is
+skipped. A promotion that outlived its deadline bounds its tier's speed at
+once (``observe_timeout``), so the next request recomputes without waiting;
+a tier not measured for ``PROBE_S`` gets one promotion through again, so a
+disk that recovers is seen to.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
+
+SLOW_TIERS = ("ssd", "remote")  # promotions: checked against recomputing in every mode
+PROBE_S = 10.0                   # a tier judged too slow still gets one promotion this often
 
 
 @dataclass
@@ -35,11 +46,23 @@ class LoadPolicy:
         self.margin = margin  # load when load_time * margin < recompute_time
         self._tier_bps: dict[str, _Rate] = {}
         self._prefill_tps = _Rate()
+        self._seen: dict[str, float] = {}  # tier -> when its speed was last observed
         self._lock = threading.Lock()
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         with self._lock:
             self._tier_bps.setdefault(tier, _Rate()).observe(nbytes, seconds)
+            self._seen[tier] = time.monotonic()
+
+    def observe_timeout(self, tier: str, nbytes: int, seconds: float) -> None:
+        """A promotion of ``nbytes`` had not finished after ``seconds``: the tier is no faster than
+        that, now (not averaged in: the next request must not wait for it too)."""
+        if nbytes <= 0 or seconds <= 0:
+            return
+        with self._lock:
+            rate = self._tier_bps.setdefault(tier, _Rate())
+            rate.value = min(rate.value if rate.value is not None else float("inf"), nbytes / seconds)
+            self._seen[tier] = time.monotonic()
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -64,12 +87,27 @@ class LoadPolicy:
         return None if tps is None else tokens / tps
 
     def should_load(self, tokens: int, bytes_by_tier: dict[str, int]) -> bool:
-        if self.mode == "always" or tokens <= 0:
-            return tokens > 0
-        load, recompute = self.load_seconds(bytes_by_tier), self.recompute_seconds(tokens)
-        if load is None or recompute is None:
+        if tokens <= 0:
+            return False
+        slow = [t for t in SLOW_TIERS if bytes_by_tier.get(t, 0) > 0]
+        if self.mode == "always" and not slow:
             return True
-        return load * self.margin < recompute
+        checked = bytes_by_tier if self.mode == "auto" else {t: bytes_by_tier[t] for t in slow}
+        load, recompute = self.load_seconds(checked), self.recompute_seconds(tokens)
+        if load is None or recompute is None or load * self.margin < recompute:
+            return True
+        return self._probe(slow)
+
+    def _probe(self, slow: list[str]) -> bool:
+        """Let a promotion through a tier judged too slow when it has not been measured for
+        ``PROBE_S``: it may have recovered (the probe measures it again)."""
+        now = time.monotonic()
+        with self._lock:
+            if not slow or any(now - self._seen.get(t, now) < PROBE_S for t in slow):
+                return False
+            for t in slow:
+                self._seen[t] = now  # one probe at a time
+        return True
 
     def promotion_deadline(self, tokens: int, cap_s: float) -> float:
         """Seconds a request may wait for a promotion of ``tokens``: until recomputing them

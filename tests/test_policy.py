@@ -39,3 +39,18 @@ def test_estimates_follow_the_machine():
 def test_bad_mode():
     with pytest.raises(ValueError, match="'always' or 'auto'"):
         LoadPolicy("sometimes")
+
+
+def test_a_slow_tier_is_skipped_in_every_mode_and_probed_once_a_while(monkeypatch):
+    import kvplug.policy
+
+    p = LoadPolicy("always")
+    p.observe_prefill(1000, 1.0)                    # 500 tokens recompute in 0.5 s
+    assert p.should_load(500, {"cpu": 10**9})       # "always": CPU hits are loaded regardless
+    p.observe_timeout("ssd", 10**6, 2.0)            # a promotion of 1 MB took over 2 s
+    assert not p.should_load(500, {"ssd": 10**6})   # the next one would too: recompute
+    assert p.should_load(500, {"cpu": 10**9})
+    monkeypatch.setattr(kvplug.policy, "PROBE_S", 0.0)
+    assert p.should_load(500, {"ssd": 10**6})       # not measured since: one probe goes through
+    monkeypatch.setattr(kvplug.policy, "PROBE_S", 60.0)
+    assert not p.should_load(500, {"ssd": 10**6})   # and only one

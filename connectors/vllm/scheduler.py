@@ -52,6 +52,7 @@ class SchedulerHalf:
         # before step N's output arrives): prefill speed from the prefill-sized ones
         self._steps: deque[tuple[float, int]] = deque()
         self._skip_warned: set[str] = set()
+        self._late: list[tuple] = []  # (handle, asked, bytes) of promotions given up on, until they land
         self._reqs: dict[str, RequestState | None] = {}  # None: a request kvplug cannot key
         self._planned: list[RequestState] = []
         self._jobs = JobTable(geo.tp_size)  # each job is done once every tensor-parallel worker reports it
@@ -73,9 +74,12 @@ class SchedulerHalf:
             waited = time.monotonic() - st.asked
             if waited < self.policy.promotion_deadline(st.handle.num_tokens_asked, self.config.promotion_timeout_s):
                 return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
-            # Recomputing would have been faster: give up (the read lands in the CPU tier later).
+            # Recomputing would have been faster: give up (the read lands in the CPU tier later,
+            # and its real time is measured then); until then the SSD is known to be this slow.
             self.stats.add("promotion_timeouts")
-            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, waited)
+            nbytes = st.promoting * self.geo.block_bytes
+            self.policy.observe_timeout("ssd", nbytes, waited)
+            self._late.append((st.handle, st.asked, nbytes))
             self._drop(st)
             st.gave_up = True
             return 0, False
@@ -154,6 +158,7 @@ class SchedulerHalf:
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
         meta = KVPlugMetadata(slab=(self.store.cpu.name, self.store.cpu.nonce))
         self._steps.append((time.monotonic(), scheduler_output.total_num_scheduled_tokens))
+        self._observe_late()
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for st in self._planned:
             if st.phase is not LoadPhase.PLANNED:
@@ -193,6 +198,17 @@ class SchedulerHalf:
         meta.preempted = [r for r in preempted if (st := self._reqs.get(r)) is not None and st.saves]
         self._tails, self._release = [], []
         return meta
+
+    def _observe_late(self) -> None:
+        """Promotions given up on that have landed since: how slow the SSD really was."""
+        if self._late:
+            now, pending = time.monotonic(), []
+            for handle, asked, nbytes in self._late:
+                if handle.done():
+                    self.policy.observe_timeout("ssd", nbytes, now - asked)
+                else:
+                    pending.append((handle, asked, nbytes))
+            self._late = pending
 
     def _save_job(self, st: RequestState, blocks: list[tuple[int, StoreEntry]], block_ids: list[int]) -> SaveJob | None:
         """Reserve slots for blocks (index in the request, entry); a job for those that need writing."""

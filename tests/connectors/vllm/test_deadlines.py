@@ -73,3 +73,21 @@ def test_the_deadline_is_sooner_when_recomputing_is_faster(tmp_path, monkeypatch
         assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)
     finally:
         e.close()
+
+
+def test_after_a_timeout_the_next_ssd_hit_recomputes_at_once(tmp_path, monkeypatch):
+    ssd = stored_on_ssd(tmp_path)
+    landed = slow_reads(monkeypatch, 1.0)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=0.2)  # load_policy=always
+    try:
+        e.sched.policy.observe_prefill(4700, 1.0)  # recomputing 47 tokens: 10 ms
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (None, False)
+        time.sleep(0.05)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)  # timed out
+        c = e.request("c", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(c, 0) == (0, False)  # no wait: the SSD is known slow
+        assert e.sched.stats.data["policy_skipped_tokens"] == len(PROMPT) - 1
+        assert landed.wait(5)
+    finally:
+        e.close()
