@@ -2,7 +2,7 @@
 
     python runner.py ADDRESS AUTHKEY_HEX SPEC.json
 
-bench/soak.py starts each engine in its own process with this script (vLLM
+bench/soak/engines.py starts each engine in its own process with this script (vLLM
 starts its EngineCore in a spawned subprocess and is happiest owning its
 process; its log goes to this process's stdout/stderr, which the bench sends
 to a file). SPEC: {"model": DIR, "kvplug": null | {kv_connector_extra_config},

@@ -7,6 +7,7 @@ About 1.5 minutes on 2 cores, most of it the two engines starting. The bench's o
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,11 +16,16 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-import soak  # noqa: E402
+from soak import compare, sampling, workload  # noqa: E402  (bench/soak/, the bench's modules)
+
+# bench/soak.py itself, the command line (`import soak` finds the package bench/soak/ first)
+_spec = importlib.util.spec_from_file_location("soak_cli", BENCH / "soak.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
 
 
 def test_workload_mixes_repeats_and_unique_prompts():
-    reqs, prompts = soak.soak_workload(400, seed=0, prefixes=8, suffixes=3, unique=0.25)
+    reqs, prompts = workload.soak_workload(400, seed=0, prefixes=8, suffixes=3, unique=0.25)
     kinds = [r["kind"] for r in reqs]
     assert 60 < kinds.count("unique") < 140
     pool = {r["key"] for r in reqs if r["kind"] == "pool"}
@@ -28,33 +34,33 @@ def test_workload_mixes_repeats_and_unique_prompts():
     # the two suffixes of a prefix part right after it: a hit of one on the other is exactly the prefix
     a, b = prompts["p0s0"], prompts["p0s1"]
     n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    assert n in soak.PREFIX_LENGTHS
-    bounds = soak.batch_bounds(400, seed=0, max_batch=4)
+    assert n in workload.PREFIX_LENGTHS
+    bounds = workload.batch_bounds(400, seed=0, max_batch=4)
     assert bounds[0][0] == 0 and bounds[-1][1] == 400
     assert all(e > s and e - s <= 4 for s, e in bounds) and all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))
 
 
 def test_growth_per_thousand_requests():
     series = [{"request": r, "rss": 1000 + r // 10, "fds": 50} for r in range(0, 2001, 25)]
-    g = soak.growth(series, "rss", 500)
+    g = sampling.growth(series, "rss", 500)
     assert g["per_1000_requests"] == pytest.approx(100, rel=0.02)
     assert g["pct_per_1000_requests"] == pytest.approx(100 * 100 / g["mean"], rel=0.02)
-    assert soak.growth(series, "fds", 500)["per_1000_requests"] == 0
+    assert sampling.growth(series, "fds", 500)["per_1000_requests"] == 0
 
 
 def test_difference_names_where_outputs_part():
     a = {"token_ids": [1, 2, 3], "logprobs": [{"1": -0.1}, {"2": -0.2}, {"3": -0.3}]}
     b = {"token_ids": [1, 2, 4], "logprobs": [{"1": -0.1}, {"2": -0.25}, {"4": -0.3}]}
-    assert soak.identical(a, a) and not soak.identical(a, b)
-    d = soak.difference(a, b)
+    assert compare.identical(a, a) and not compare.identical(a, b)
+    d = compare.difference(a, b)
     assert d["first_token_differing"] == 2 and d["max_logprob_gap"] == pytest.approx(0.05)
 
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory):
     out = tmp_path_factory.mktemp("soak")
-    res = soak.main(["--requests", "150", "--fault-every", "35", "--sample-every", "10", "--control-max", "0",
-                     "--out", str(out), "--workdir", str(out / "work")])
+    res = cli.main(["--requests", "150", "--fault-every", "35", "--sample-every", "10", "--control-max", "0",
+                    "--out", str(out), "--workdir", str(out / "work")])
     return res["soak"], out
 
 
@@ -91,7 +97,7 @@ def test_nothing_left_pinned_or_held(short):
 @pytest.mark.e2e
 def test_every_fault_fired_was_counted_and_survived(short):
     res, _ = short
-    assert set(res["faults"]["by_kind"]) == {kind for kind, _ in soak.FAULTS}
+    assert set(res["faults"]["by_kind"]) == {kind for kind, _ in workload.FAULTS}
     for ev in res["faults"]["events"]:
         assert ev["fired"] > 0, ev
         assert all(n > 0 for n in ev["kvplug_counted"].values()), ev
