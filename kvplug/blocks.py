@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -59,6 +60,7 @@ class LoadHandle:
         self._first_failed: int | None = None
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self.done_at = 0.0  # when the last read landed (time.monotonic)
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -99,6 +101,7 @@ class LoadHandle:
                 self._first_failed = len(self.blocks)
                 self.blocks += [BlockRef(r.key, r.num_tokens, r.tier, None) for r in refs[len(self.blocks):]]
             if self._reading == 0:
+                self.done_at = time.monotonic()
                 self._done.set()
 
     def _read_done(self, i: int, ok: bool) -> None:
@@ -107,4 +110,5 @@ class LoadHandle:
                 self._first_failed = i
             self._reading -= 1
             if self._reading == 0:
+                self.done_at = time.monotonic()
                 self._done.set()

@@ -83,8 +83,8 @@ class SchedulerHalf:
             self._drop(st)
             st.gave_up = True
             return 0, False
-        if st.promoting:  # as seen by the request: it waited from the lookup until now
-            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, time.monotonic() - st.asked)
+        if st.promoting:  # from the lookup until the last read landed (not until this step asked)
+            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, st.handle.done_at - st.asked)
             st.promoting = 0
         if st.handle.failed:
             # Keep only the readable prefix pinned: a failed block must be free to be
@@ -202,10 +202,10 @@ class SchedulerHalf:
     def _observe_late(self) -> None:
         """Promotions given up on that have landed since: how slow the SSD really was."""
         if self._late:
-            now, pending = time.monotonic(), []
+            pending = []
             for handle, asked, nbytes in self._late:
                 if handle.done():
-                    self.policy.observe_timeout("ssd", nbytes, now - asked)
+                    self.policy.observe_timeout("ssd", nbytes, handle.done_at - asked)
                 else:
                     pending.append((handle, asked, nbytes))
             self._late = pending
