@@ -163,7 +163,11 @@ class SchedulerHalf:
         for st in self._planned:
             if st.phase is not LoadPhase.PLANNED:
                 continue
-            if st.req_id in preempted:  # its blocks are gone again: never write into them
+            if st.req_id not in scheduler_output.num_scheduled_tokens:
+                # Preempted later in the same schedule() (vLLM unschedules it): its blocks are
+                # gone again, never write into them. (A request preempted outside schedule(), by
+                # reset_prefix_cache, and scheduled again is named in preempted_req_ids too: its
+                # plan stands, vLLM counts the hit as loaded.)
                 self._drop(st)
                 continue
             job = self._jobs.add(st, handle=st.handle, block_ids=st.plan.block_ids,
@@ -306,6 +310,10 @@ class SchedulerHalf:
             if st is None:
                 self._reqs.pop(request.request_id, None)  # an unkeyable request
             return False, None
+        if st.phase is LoadPhase.PLANNED:
+            # vLLM counted the hit as computed, but the load never went out: those tokens'
+            # KV is in no block of this request, so none of it may be saved.
+            st.tainted = True
         if st.phase in (LoadPhase.PINNED, LoadPhase.PLANNED):
             self._drop(st)
         if self.config.store_partial_blocks and st.epoch == self.store.epoch and not st.tainted:
