@@ -11,7 +11,8 @@ halves of test_halves.py's ``Engine`` (one worker per tensor-parallel rank):
   rewrites in place, cache salt "x" / "y" / none), some with prompt embeddings (never stored
   nor loaded); ids of released requests are reused;
 - a step is scheduled (lookup, allocation with the matched count, fewer, 0 or none at all,
-  vLLM prefix-cache sharing of another request's blocks, preemptions), then built
+  vLLM prefix-cache sharing of another request's blocks, preemptions of the last running
+  request to make room, the blocks freed last reused first), then built
   (``build_connector_meta``), then run on every rank, in lock-step layer by layer: the V1 mixin
   order (start_load, per-layer wait / save, wait_for_save, then get_finished, load errors,
   worker metadata), the speculative-decoding order (results before wait_for_save), a
@@ -22,7 +23,8 @@ halves of test_halves.py's ``Engine`` (one worker per tensor-parallel rank):
   or save sent), mid-save (saves not yet reported), request id reuse, preemption (also all
   running requests by reset_prefix_cache), reset_cache (a new generation of "weights": KV
   computed before is wrong after), LoRA files rewritten in place, injected decode failures of
-  chosen blocks on chosen ranks.
+  chosen blocks on chosen ranks, saves that complete steps after their wait_for_save (the
+  worker's async_cpu_saves, CUDA's behaviour, with saves written only when the test lets them).
 
 The fake forward pass writes, at each computed position, layer and rank, a value that is a
 function of (identity, generation, token prefix, layer, rank), unless the context it attends to
@@ -53,6 +55,8 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -67,13 +71,14 @@ from kvplug.block_state import BlockState
 from kvplug.connectors.vllm.request_state import LoadPhase
 from kvplug.keys import block_key, tokens_array
 from kvplug.transfer import LayerPipeline
+from kvplug.transfer_cpu import CPUPipeline
 from test_halves import NAMES, D, Engine, FakeRequest, H, T
 
 LAYERS = len(NAMES)
 NUM_BLOCKS = 32          # Engine's paged KV: blocks 1..31 are ours (0 is never handed out)
 MAX_LIVE = 5             # requests waiting or running at once
 ALPHABET = 4
-STEMS = [[(i * 7 + s * 3 + (i * i) % 5 + s * i) % ALPHABET for i in range(64)] for s in range(3)]
+STEMS = [[(i * 7 + s * 3 + (i * i) % 5 + s * i) % ALPHABET for i in range(64)] for s in range(2)]
 GARBAGE = 77.0           # what a failed decode leaves in a block (a torn write): never a valid value
 _names = itertools.count()
 
@@ -158,6 +163,59 @@ def _failing_decode_rows(self, batch, layer, i, j, rows):
             _decode_rows(self, batch, layer, k, k + 1, rows[k - i:k - i + 1])
 
 
+# -- saves completing when the test says: CUDA's asynchronous saves, deterministically, on CPU ----
+
+
+class LazyFuture(Future):
+    """A task that runs when the test lets it, or when its result is asked for."""
+
+    def __init__(self, fn, args):
+        super().__init__()
+        self.fn, self.args = fn, args
+
+    def run(self) -> None:
+        if not self.done():
+            try:
+                self.set_result(self.fn(*self.args))
+            except BaseException as e:  # noqa: BLE001 - kept for result(), as an executor would
+                self.set_exception(e)
+
+    def result(self, timeout=None):
+        self.run()
+        return super().result(timeout)
+
+
+class Deferred:
+    """A CPU pipeline's save executor whose tasks wait for ``run_all``: a save may still be
+    unwritten any number of steps after wait_for_save (with worker.async_cpu_saves)."""
+
+    def __init__(self):
+        self.pending: list[LazyFuture] = []
+
+    def submit(self, fn, *args) -> LazyFuture:
+        fut = LazyFuture(fn, args)
+        self.pending.append(fut)
+        return fut
+
+    def run_all(self) -> None:
+        pending, self.pending = self.pending, []
+        for fut in pending:
+            fut.run()
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.run_all()
+
+
+DEFER_SAVES = [False]
+_cpu_setup = CPUPipeline._setup
+
+
+def _setup_deferring(self, *args, **kwargs):
+    _cpu_setup(self, *args, **kwargs)
+    if DEFER_SAVES[0]:
+        self._save_worker = Deferred()
+
+
 # -- the model -------------------------------------------------------------------------------------
 
 
@@ -235,11 +293,14 @@ class HalvesMachine(RuleBasedStateMachine):
 
     # -- set-up ---------------------------------------------------------------------------
 
-    @initialize(tp=st.sampled_from([1, 2]), small=st.booleans())
-    def setup(self, tp, small):
+    @initialize(tp=st.sampled_from([1, 2]), small=st.booleans(), async_saves=st.booleans(),
+                pool=st.sampled_from([NUM_BLOCKS - 1, 12]))
+    def setup(self, tp, small, async_saves, pool):
         self.tmp = tempfile.mkdtemp(prefix="kvplug-sm-")
         LayerPipeline._decode_rows = _failing_decode_rows
+        CPUPipeline._setup = _setup_deferring
         FAIL.clear()
+        DEFER_SAVES[0] = async_saves
         self.tp = tp
         self.lora_dirs, self.lora_version = {}, {}
         for name in ("A", "B"):
@@ -249,6 +310,8 @@ class HalvesMachine(RuleBasedStateMachine):
             self._write_adapter(name)
         # small: a CPU tier of a few slots, so that saves find no slot and blocks are evicted
         self.e = Engine(self.tmp, name=f"sm{next(_names)}", tp=tp, cpu_bytes="48KiB" if small else "4MiB")
+        for worker in self.e.workers:  # saves completing after their step, polled, as on CUDA
+            worker.async_cpu_saves = async_saves  # (and written only when the test lets them: Deferred)
         self.sched = self.e.sched
         self.store = self.sched.store
         self.sched.bind_kv_cache_manager(SimpleNamespace(get_block_ids=lambda rid: (list(self.current[rid].blocks),)))
@@ -266,7 +329,7 @@ class HalvesMachine(RuleBasedStateMachine):
         self.preempted_ids: set[str] = set()
         self.batch_preempted = False         # a preemption in this schedule(): no waiting request is scheduled
         self.refs = [0] * NUM_BLOCKS
-        self.free = list(range(1, NUM_BLOCKS))
+        self.free = list(range(1, pool + 1))  # (12: vLLM preempts often to make room)
         self.deferred: list[int] = []        # blocks freed once the built step has run
         self.known_bad: set[int] = set()     # blocks vLLM was told failed, not recomputed yet
         self.finished_count: dict[str, int] = {}  # vLLM's KVOutputAggregator: req -> ranks still to report
@@ -284,6 +347,7 @@ class HalvesMachine(RuleBasedStateMachine):
 
     def teardown(self):
         LayerPipeline._decode_rows = _decode_rows
+        CPUPipeline._setup = _cpu_setup
         FAIL.clear()
         if self.e is not None:
             try:
@@ -298,7 +362,8 @@ class HalvesMachine(RuleBasedStateMachine):
     # -- helpers ----------------------------------------------------------------------------
 
     def _alloc(self, n: int) -> list[int]:
-        blocks, self.free = self.free[:n], self.free[n:]
+        """The n blocks freed last (reused at once: what a use after free would hit)."""
+        blocks = [self.free.pop() for _ in range(n)]
         for b in blocks:
             self.refs[b] += 1
         return blocks
@@ -499,8 +564,12 @@ class HalvesMachine(RuleBasedStateMachine):
             mr = data.draw(st.sampled_from(self._runnable()), label="request")
         chunk = self._chunk(data, mr.req.num_tokens - mr.ncomp)
         need = _ceil(mr.ncomp + chunk, T) - len(mr.blocks)
-        if need > len(self.free):
-            return
+        while need > len(self.free):  # as vLLM: preempt the last running request to make room
+            victims = [m for m in self.running if m is not mr and self._in_batch(m) is None]
+            if not victims or any(e.waiting for e in self.batch):
+                return
+            self._preempt(victims[-1])
+            self.batch_preempted = True
         if need > 0:
             mr.blocks += self._alloc(need)
         self.batch.append(Entry(mr, chunk, start=mr.ncomp))
@@ -684,6 +753,7 @@ class HalvesMachine(RuleBasedStateMachine):
             FAIL.setdefault(self.ptr_of_rank[rank], set()).add(block)
         self._register()
 
+        self._progress(data, "saves written before the step")
         metas = [copy.deepcopy(meta) for _ in range(tp)]  # each worker gets its own copy, as over RPC
         for rank in range(tp):
             for job in metas[rank].saves:
@@ -724,6 +794,7 @@ class HalvesMachine(RuleBasedStateMachine):
                         workers[rank].save_layer(name, metas[rank])
             if not sync_loads:
                 start_load()
+            self._progress(data, "saves written after the forward pass")
             results = []
             if spec:
                 results = [self._results(rank) for rank in range(tp)]
@@ -780,6 +851,14 @@ class HalvesMachine(RuleBasedStateMachine):
         self._refresh_known_bad()
         self._check_computed()
         self._check_store({slot for job in meta.saves for slot in job.slots})
+
+    def _progress(self, data, label: str) -> None:
+        """Deferred saves (async_saves) are written now, or not yet."""
+        pending = [w._pipe._save_worker for w in self.e.workers
+                   if w._pipe is not None and isinstance(w._pipe._save_worker, Deferred) and w._pipe._save_worker.pending]
+        if pending and (data is None or data.draw(st.booleans(), label=label)):
+            for executor in pending:
+                executor.run_all()
 
     def _wait_for_save(self, metas) -> None:
         for rank in range(self.tp):
@@ -933,7 +1012,9 @@ class HalvesMachine(RuleBasedStateMachine):
 
     @invariant()
     def nothing_held_when_idle(self):
-        if self.e is None or self.built is not None or self.batch:
+        """Every request released and no job in flight (a load may be reported done after its
+        request was released: its writes are over, its slots are unpinned when it is)."""
+        if self.e is None or self.built is not None or self.batch or len(self.sched._jobs):
             return
         if any(m.status != "gone" for m in self.current.values()):
             return
@@ -958,9 +1039,12 @@ class HalvesMachine(RuleBasedStateMachine):
             self.batch.remove(e)
         for mr in self._live():
             self._finish(mr)
-        for i in range(6):
-            if i and not any(m.status == "held" for m in self.current.values()):
+        for i in range(200):  # (transfers finish on the pipeline threads: a few steps, a few ms)
+            if i and not any(m.status == "held" for m in self.current.values()) and not len(self.sched._jobs):
                 break
+            if i > 4:
+                time.sleep(0.005)
+            self._progress(None, "")
             self.build(block_state=False)
             self.execute(_NoDraws())
         held = [m for m in self.current.values() if m.status == "held"]
@@ -973,10 +1057,12 @@ class HalvesMachine(RuleBasedStateMachine):
 
 
 class _NoDraws:
-    """st.data() for the steps drain runs: steps without tokens (vLLM's kv_connector_no_forward) draw nothing."""
+    """st.data() for the steps drain runs (vLLM's kv_connector_no_forward: no tokens, nothing to choose)."""
 
     def draw(self, strategy, label=None):
-        raise AssertionError("a step without tokens draws no choice")
+        if (label or "").startswith("saves written"):
+            return True  # drain lets deferred saves be written
+        raise AssertionError("a step without tokens draws no other choice")
 
 
 TestHalvesStateMachine = HalvesMachine.TestCase
