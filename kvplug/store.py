@@ -17,8 +17,8 @@ State, under one lock (SSD futures complete on I/O threads):
              (storing, promoting, visible, evicted: kvplug/block_state.py)
              only moves along checked transitions
   _policy    the visible resident blocks that may be evicted
-  _on_ssd    blocks the SSD tier confirmed (it may drop some on its own: a
-             read then misses, and lookups check before promising them)
+  the SSD tier's own slot map says which blocks it holds (it may drop some
+             on its own: it tells the store, which drops them from the index)
 What a block's phase needs (a storing block's tokens, the loads waiting for a
 promotion, an SSD write in flight) lives on its ``Resident``, not in more maps.
 A block's pins are its loads in flight plus an SSD transfer of its slot.
@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kvplug import epoch
+from kvplug import epoch, index_bulk
 from kvplug.block_state import BlockState, IllegalTransition, Resident
 from kvplug.blocks import BlockRef, Hit, LoadHandle, StoreEntry  # noqa: F401  (re-exported)
 from kvplug.config import KVPlugConfig
@@ -79,7 +79,6 @@ class TieredStore(SSDTransfers):
         self._lock = threading.Lock()
         self._index = PrefixIndex(fingerprint, layout.block_tokens)
         self._resident: dict[bytes, Resident] = {}
-        self._on_ssd: set[bytes] = set()
         if ssd is None and config.ssd_path:
             try:
                 ssd = SSDTier(config.ssd_path, config.ssd_bytes, block_bytes, fingerprint,
@@ -99,9 +98,7 @@ class TieredStore(SSDTransfers):
         self._closed = False
         self.epoch = epoch.load(config.ssd_path if ssd is not None else None)
         if ssd is not None:
-            for key, parent, tokens in ssd.entries():
-                if self._index.insert(key, parent, tokens):
-                    self._on_ssd.add(key)
+            index_bulk.load(self._index, list(ssd.entries()))
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -113,7 +110,7 @@ class TieredStore(SSDTransfers):
         """The longest prefix of ``tokens`` stored under ``root`` (default: the store's
         fingerprint), block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
-        bt, refs, hit_tokens, first_ssd = self.block_tokens, [], 0, -1
+        bt, refs, hit_tokens = self.block_tokens, [], 0
         with self._lock:
             resident = self._resident
             for key, n in self._index.match(tokens, root):
@@ -124,25 +121,13 @@ class TieredStore(SSDTransfers):
                         ref = BlockRef(key, n, "cpu", block.slot)
                         if n == bt:
                             block.ref = ref
-                else:
-                    ref = BlockRef(key, n, "ssd", None)
-                    first_ssd = len(refs) if first_ssd < 0 else first_ssd
+                else:  # the SSD tier tells the store what it drops; a drop racing this lookup
+                    ref = BlockRef(key, n, "ssd", None)  # ends the hit at prepare_load
                 refs.append(ref)
                 hit_tokens += n
-            if first_ssd < 0:
-                hit = Hit(hit_tokens, refs)
-                self._stats.count_lookup(len(tokens), hit)
-                return hit
-        for i in range(first_ssd, len(refs)):  # the SSD tier evicts on its own: check before promising
-            if refs[i].tier == "ssd" and not self.ssd.contains(refs[i].key):
-                with self._lock:
-                    self._forget_ssd_copy(refs[i].key)
-                refs = refs[:i]
-                break
-        hit = Hit(sum(r.num_tokens for r in refs), refs)
-        with self._lock:
+            hit = Hit(hit_tokens, refs)
             self._stats.count_lookup(len(tokens), hit)
-        return hit
+            return hit
 
     # -- store ------------------------------------------------------------------
 
@@ -233,7 +218,7 @@ class TieredStore(SSDTransfers):
                     block.pin()
                     block.waiting.append((handle, i))
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", block.slot), reading=True)
-                elif block is None and ref.key in self._on_ssd and (slot := self._take_slot(jobs)) is not None:
+                elif block is None and self._on_ssd(ref.key) and (slot := self._take_slot(jobs)) is not None:
                     # pinned by this load and by the read
                     self._resident[ref.key] = Resident(slot, BlockState.PROMOTING, pins=2, waiting=[(handle, i)])
                     self._reads += 1
@@ -242,6 +227,8 @@ class TieredStore(SSDTransfers):
                     handle._add(BlockRef(ref.key, ref.num_tokens, "ssd", slot), reading=True)
                 else:
                     self._stats["load_misses"] += 1
+                    if block is None and not self._on_ssd(ref.key):
+                        self._forget_ssd_copy(ref.key)  # a drop the tier has not reported yet
                     break  # gone since the lookup, or no slot: the hit ends here
             self._stats["loads"] += 1
             handle._prepared(refs)  # under the lock: no read can report before the list is closed
@@ -294,7 +281,7 @@ class TieredStore(SSDTransfers):
         One not on SSD yet is written back first (unless the queue is full)."""
         self._stats["evictions"] += 1
         block = self._resident[key]
-        if self.ssd is not None and key not in self._on_ssd and not block.writing:
+        if self.ssd is not None and not self.ssd.contains(key) and not block.writing:
             self._queue_write(key, jobs)  # pins the slot until written
         self._leave_cpu(key, block)
         if block.pins == 0:
@@ -320,8 +307,11 @@ class TieredStore(SSDTransfers):
         if self._events is not None and block.state is BlockState.EVICTING:
             self._events.append((False, key))
         self.cpu.free(block.slot)
-        if key not in self._on_ssd:
+        if not self._on_ssd(key):
             self._index.remove(key)
+
+    def _on_ssd(self, key: bytes) -> bool:
+        return self.ssd is not None and self.ssd.contains(key)
 
     def _ssd_dropped(self, keys: list[bytes]) -> None:
         """The SSD tier forgot these blocks on its own (eviction, corruption, a failed MAC, start-up)."""
@@ -330,7 +320,6 @@ class TieredStore(SSDTransfers):
                 self._forget_ssd_copy(key)
 
     def _forget_ssd_copy(self, key: bytes) -> None:
-        self._on_ssd.discard(key)
         block = self._resident.get(key)
         if block is None or not block.visible:
             self._index.remove(key)
@@ -350,11 +339,10 @@ class TieredStore(SSDTransfers):
                     self._leave_cpu(key, block)
                     if block.pins == 0:
                         self._release(key)
-            on_ssd, self._on_ssd = self._on_ssd, set()
             self._index = PrefixIndex(self.root, self.block_tokens)
             self._stats["resets"] += 1
-        for key in on_ssd if self.ssd is not None else ():
-            self.ssd.delete(key)
+        if self.ssd is not None:
+            self.ssd.delete_all()
 
     # -- stats and lifetime ---------------------------------------------------------
 

@@ -52,8 +52,6 @@ class SSDTransfers:
             self._resident[key].writing = False
             self._writes -= 1
             self._stats["writes_done" if ok else "writes_failed"] += 1
-            if ok and key in self._index:  # (not a block dropped by a reset meanwhile)
-                self._on_ssd.add(key)
             self._unpin(key)
             self._idle.notify_all()
 

@@ -223,10 +223,8 @@ def snapshot() -> dict:
             out["index_bytes"] = nbytes() if callable(nbytes) else None
         out["resident_blocks"] = len(getattr(store, "_resident", ()))
         ssd_index = getattr(getattr(store, "ssd", None), "_index", None)
-        if ssd_index is not None and hasattr(ssd_index, "_map"):
-            with ssd_index.lock:  # the SSD tier's own read pins (a slot being read is never reused)
-                out["ssd_read_pins"] = sum(getattr(e, "pins", 0) for e in ssd_index._map.values())
-        out["on_ssd_blocks"] = len(getattr(store, "_on_ssd", ()))
+        if ssd_index is not None:  # the SSD tier's own read pins (a slot being read is never reused)
+            out["ssd_read_pins"] = ssd_index.read_pins()
         for name in ("_reqs", "_jobs", "_planned", "_tails", "_release"):
             obj = getattr(half, name, None)
             out[f"scheduler{name}"] = len(obj) if obj is not None else None

@@ -45,6 +45,10 @@ class BackingTier(Tier, Protocol):
 
     def delete(self, key: bytes) -> None: ...
 
+    def delete_all(self) -> None:
+        """Drop every block stored under this tier's fingerprint (a cache reset)."""
+        ...
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes in flight; False if some are still in flight after ``timeout``."""
         ...

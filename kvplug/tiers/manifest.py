@@ -71,22 +71,32 @@ class Row(NamedTuple):
         return (*self, row_check(self))
 
 
+_LEN = struct.Struct("<Q").pack
+_INTS = struct.Struct("<qqqq").pack
+
+
 def row_check(r: Row) -> int:
     """Catches a damaged row that SQLite's own checks let through (a flipped key, slot, ...)."""
-    h = xxhash.xxh3_64()
-    for blob in (r.key, r.parent, r.tokens, r.fingerprint):
-        h.update(struct.pack("<Q", len(blob)))
-        h.update(blob)
-    h.update(struct.pack("<qqqq", r.segment, r.slot, r.checksum, r.format))
-    c = h.intdigest()
+    key, parent, tokens, fingerprint = r[0], r[1], r[2], r[6]
+    c = xxhash.xxh3_64_intdigest(b"".join((  # each blob after its length, then the integers
+        _LEN(len(key)), key, _LEN(len(parent)), parent, _LEN(len(tokens)), tokens,
+        _LEN(len(fingerprint)), fingerprint, _INTS(r[3], r[4], r[5], r[7]))))
     return c - (1 << 64) if c >= 1 << 63 else c
 
 
 def _intact(r: tuple) -> bool:
     # Rows may come from a damaged file: trust nothing, not even types.
-    return (len(r) == 10 and all(isinstance(v, bytes) for v in (r[0], r[1], r[2], r[6]))
-            and all(isinstance(v, int) for v in (r[3], r[4], r[5], r[7], r[8], r[9]))
-            and r[9] == row_check(Row(*r[:9])))
+    if len(r) != 10:
+        return False
+    key, parent, tokens, segment, slot, checksum, fingerprint, fmt, last_access, check = r
+    if not (type(key) is type(parent) is type(tokens) is type(fingerprint) is bytes
+            and type(segment) is type(slot) is type(checksum) is type(fmt) is type(last_access)
+            is type(check) is int):
+        return False
+    try:
+        return check == row_check(r)
+    except struct.error:  # an integer outside int64
+        return False
 
 
 class Manifest:
@@ -108,8 +118,11 @@ class Manifest:
                     "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
                     "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
             rows = self._all_rows()
-            with self._conn:
-                self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in rows if not _intact(r)])
+            intact = [_intact(r) for r in rows]
+            bad = [(r[0],) for r, ok in zip(rows, intact) if not ok]
+            if bad:
+                with self._conn:
+                    self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
         except UnsafeDirectory:
             if self._conn is not None:
                 self._conn.close()
@@ -118,10 +131,11 @@ class Manifest:
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
-        self.rows = [Row(*r[:9]) for r in rows if _intact(r)]
+            intact = [_intact(r) for r in rows]
+        self.rows = [Row(*r[:9]) for r, ok in zip(rows, intact) if ok]
         self.dropped_rows = len(rows) - len(self.rows)  # damaged, and deleted
         self.oversized_rows = max(oversized, 0)           # a blob past max_blob: deleted unread
-        self.dropped_keys = [r[0] for r in rows if not _intact(r) and isinstance(r[0], bytes)]
+        self.dropped_keys = [r[0] for r, ok in zip(rows, intact) if not ok and r and isinstance(r[0], bytes)]
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False

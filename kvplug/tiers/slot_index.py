@@ -1,69 +1,138 @@
 """The SSD tier's in-memory state: which key is in which slot, and what may move.
 
-One lock guards it all: the key -> slot map in least-recently-used order,
-the free slots, read pins, writes in flight, access times not yet persisted
-and the counters. No I/O happens here; the tier sequences that against the
-manifest (a slot comes back to ``free`` only once no committed row names it).
+One lock guards it all. No I/O happens here; the tier sequences that against
+the manifest (a slot comes back to ``free`` only once no committed row names it).
+
+Compact, because a large tier holds millions of blocks: nothing is a Python
+object per slot. Per slot of capacity (about 50 bytes; bench/scale_store.py):
+  _keys      its key and the key -> slot table (kvplug/key_table.py)
+  _state     FREE, LIVE, FOREIGN (stored under another fingerprint or
+             format: kept, never served, evicted first), DROPPED (row
+             deleted, reads still hold it: free at the last unpin), HELD
+             (taken by a write in flight, or named by a row that could not
+             be deleted: never reused in this run)
+  _checksum  the block bytes' xxh3_64; _pins: reads in flight (a pinned slot
+             is never evicted or reused); _clock: last access (LRU; foreign
+             blocks -1); _dirty: access time not yet in the manifest
+  _tags      with an integrity key: 32 bytes a slot, the digest of its key,
+             parent and tokens (its MAC binds it)
+Free slots are a stack; victims are the least recently used unpinned blocks,
+picked in one vectorised pass when the stack runs dry.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
-from collections import Counter, OrderedDict
+from array import array
+from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from kvplug.key_table import KeyTable
+
+FREE, LIVE, FOREIGN, DROPPED, HELD = range(5)
+TAG_BYTES = 32  # slot_header.meta_digest
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Entry:
+    """A handle on a live block (made on demand: the state lives in the arrays)."""
     slot: int              # global slot number
     checksum: int
-    foreign: bool = False  # stored under another fingerprint/format: kept, never served
-    pins: int = 0          # reads in flight; a pinned slot is never evicted or reused
-    dropped: bool = False  # row deleted (committed); the slot is freed at the last unpin
-    tag: bytes | None = None  # with an integrity key: the digest of its key, parent and tokens (its MAC binds it)
+    tag: bytes | None = None
 
 
 class SlotIndex:
-    def __init__(self, num_slots: int, entries: list[tuple[bytes, Entry]], clock: int,
-                 reserved: set[int] = frozenset()) -> None:
-        """``entries`` oldest access first; every other slot starts free but ``reserved`` ones
-        (named by rows that could not be deleted: never reused in this run)."""
+    def __init__(self, num_slots: int, clock: int = 0, tags: bool = False) -> None:
         self.lock = threading.Lock()
         self.stats: Counter[str] = Counter()
-        self._map: OrderedDict[bytes, Entry] = OrderedDict(entries)
-        used = {e.slot for _, e in entries} | set(reserved)
-        self._free = [g for g in range(num_slots - 1, -1, -1) if g not in used]  # pop() -> slot 0 first
+        self._keys = KeyTable(num_slots)
+        self._state = bytearray(num_slots)
+        self._checksum = array("q", bytes(8 * num_slots))
+        self._clock_of = array("q", bytes(8 * num_slots))
+        self._pins = array("i", bytes(4 * num_slots))
+        self._dirty = bytearray(num_slots)
+        self._tags = bytearray(TAG_BYTES * num_slots) if tags else None
+        self._free = array("i")        # filled by ready(): pop() -> lowest slot first
+        self._own = self._foreign = 0
         self._pending: dict[bytes, cf.Future] = {}  # writes queued or in flight
-        self._touched: dict[bytes, int] = {}        # access times not yet in the manifest
         self._clock = clock
         self._logged: set[str] = set()
 
+    # -- start-up ---------------------------------------------------------------
+
+    def add(self, key: bytes, slot: int, checksum: int, foreign: bool, last_access: int,
+            tag: bytes | None = None) -> None:
+        """A block the manifest holds (start-up only; then ``ready``)."""
+        self._keys.put(key, slot)
+        self._state[slot] = FOREIGN if foreign else LIVE
+        self._checksum[slot] = checksum
+        self._clock_of[slot] = -1 if foreign else last_access
+        if foreign:
+            self._foreign += 1
+        else:
+            self._own += 1
+            if tag is not None and self._tags is not None:
+                self._set_tag(slot, tag)
+
+    def hold(self, slots: Iterable[int]) -> None:
+        """Slots named by rows that could not be deleted: never reused in this run."""
+        for g in slots:
+            if self._state[g] == FREE:
+                self._state[g] = HELD
+
+    def ready(self) -> None:
+        free = np.flatnonzero(np.frombuffer(self._state, np.uint8) == FREE)[::-1].astype(np.int32)
+        self._free = array("i", free.tobytes())
+
     # -- lookups ----------------------------------------------------------------
+
+    def _set_tag(self, g: int, tag: bytes) -> None:
+        if len(tag) != TAG_BYTES:  # a slice assignment of another length would shift every later tag
+            raise ValueError(f"a tag is {TAG_BYTES} bytes, got {len(tag)}")
+        self._tags[g * TAG_BYTES:(g + 1) * TAG_BYTES] = tag
+
+    def _entry(self, g: int) -> Entry:
+        tag = None if self._tags is None else bytes(self._tags[g * TAG_BYTES:(g + 1) * TAG_BYTES])
+        return Entry(g, self._checksum[g], tag)
+
+    def _live_slot(self, key: bytes) -> int:
+        g = self._keys.find(key)
+        return g if g >= 0 and self._state[g] == LIVE else -1
 
     def live(self, key: bytes) -> Entry | None:
         with self.lock:
-            e = self._map.get(key)
-            return None if e is None or e.foreign else e
+            g = self._live_slot(key)
+            return None if g < 0 else self._entry(g)
 
-    def keys(self) -> set[bytes]:
+    def contains(self, key: bytes) -> bool:
         with self.lock:
-            return {k for k, e in self._map.items() if not e.foreign}
+            return self._live_slot(key) >= 0
+
+    def live_keys(self) -> list[bytes]:
+        with self.lock:
+            return [self._keys.key(int(g)) for g in np.flatnonzero(np.frombuffer(self._state, np.uint8) == LIVE)]
+
+    def read_pins(self) -> int:
+        with self.lock:
+            return int(np.frombuffer(self._pins, np.int32).sum())
 
     def counts(self) -> tuple[int, int, int]:
         """(own blocks, foreign blocks, writes in flight)."""
         with self.lock:
-            foreign = sum(e.foreign for e in self._map.values())
-            return len(self._map) - foreign, foreign, len(self._pending)
+            return self._own, self._foreign, len(self._pending)
 
     # -- writes -----------------------------------------------------------------
 
     def begin_write(self, key: bytes) -> tuple[cf.Future, bool]:
         """(future, new): new is False when the key is stored (done, True) or on its way."""
         with self.lock:
-            e = self._map.get(key)
-            if e is not None and not e.foreign:
-                self._touch(key)
+            g = self._live_slot(key)
+            if g >= 0:
+                self._touch(g)
                 fut: cf.Future = cf.Future()
                 fut.set_result(True)
                 return fut, False
@@ -76,9 +145,21 @@ class SlotIndex:
         """Publish a committed block (entry), or give its slot back (no committed row names it)."""
         with self.lock:
             if entry is not None:
-                self._map[key] = entry
-                self._map.move_to_end(key)
+                g = entry.slot
+                old = self._keys.find(key)
+                if old >= 0:  # a foreign copy of the same key: its row was replaced, its slot is free
+                    self._forget(key, old)
+                    self._state[old] = FREE
+                    self._free.append(old)
+                self._keys.put(key, g)
+                self._state[g] = LIVE
+                self._own += 1
+                self._checksum[g] = entry.checksum
+                if entry.tag is not None and self._tags is not None:
+                    self._set_tag(g, entry.tag)
+                self._touch(g)
             elif slot is not None:
+                self._state[slot] = FREE
                 self._free.append(slot)
             return self._pending.pop(key)
 
@@ -88,71 +169,97 @@ class SlotIndex:
 
     def take_free(self, n: int) -> tuple[list[int], list[tuple[bytes, Entry]]]:
         """Up to n free slots, and the LRU unpinned blocks to evict for the rest
-        (out of the map already: nothing can pin them any more)."""
+        (out of the map already: nothing can pin them any more). Every slot
+        returned is HELD until ``end_write`` or ``give_back``."""
         with self.lock:
             k = min(n, len(self._free))
-            slots = self._free[len(self._free) - k:]
+            slots = self._free[len(self._free) - k:].tolist()
             del self._free[len(self._free) - k:]
             victims = []
             if k < n:
-                for key, e in self._map.items():
-                    if e.pins == 0:
-                        victims.append(key)
-                        if k + len(victims) == n:
-                            break
-            for key in victims:
-                self._touched.pop(key, None)
-            return slots, [(key, self._map.pop(key)) for key in victims]
+                state = np.frombuffer(self._state, np.uint8)
+                pins = np.frombuffer(self._pins, np.int32)
+                cand = np.flatnonzero(((state == LIVE) | (state == FOREIGN)) & (pins == 0))
+                if len(cand) > n - k:
+                    clocks = np.frombuffer(self._clock_of, np.int64)[cand]
+                    part = np.argpartition(clocks, n - k - 1)[:n - k]
+                    cand = cand[part[np.argsort(clocks[part], kind="stable")]]
+                del state, pins
+                for g in cand.tolist():
+                    key = self._keys.key(g)
+                    victims.append((key, self._entry(g)))
+                    self._forget(key, g)
+            for g in slots + [e.slot for _, e in victims]:
+                self._state[g] = HELD
+            return slots, victims
 
     def give_back(self, slots: list[int]) -> None:
         with self.lock:
-            self._free.extend(slots)
+            for g in slots:
+                self._state[g] = FREE
+                self._free.append(g)
 
     # -- reads, drops -----------------------------------------------------------
 
     def pin(self, key: bytes) -> Entry | None:
         with self.lock:
-            e = self._map.get(key)
-            if e is None or e.foreign:
+            g = self._live_slot(key)
+            if g < 0:
                 return None
-            e.pins += 1
-            self._touch(key)
-            return e
+            self._pins[g] += 1
+            self._touch(g)
+            return self._entry(g)
 
     def unpin(self, e: Entry) -> None:
         with self.lock:
-            e.pins -= 1
-            if e.dropped and e.pins == 0:
-                self._free.append(e.slot)
+            g = e.slot
+            self._pins[g] -= 1
+            if self._pins[g] == 0 and self._state[g] == DROPPED:
+                self._state[g] = FREE
+                self._free.append(g)
 
     def detach(self, key: bytes, e: Entry) -> bool:
         """Take a block out of the map (before deleting its row); False if gone already."""
         with self.lock:
-            if self._map.get(key) is not e:
+            if self._live_slot(key) != e.slot:
                 return False
-            del self._map[key]
-            self._touched.pop(key, None)
+            self._forget(key, e.slot)
+            self._state[e.slot] = HELD
             return True
 
     def dropped(self, e: Entry) -> None:
         """Its row is deleted: the slot is free once the last reader lets go."""
         with self.lock:
-            e.dropped = True
-            if e.pins == 0:
-                self._free.append(e.slot)
+            g = e.slot
+            if self._pins[g] == 0:
+                self._state[g] = FREE
+                self._free.append(g)
+            else:
+                self._state[g] = DROPPED
+
+    def _forget(self, key: bytes, g: int) -> None:
+        self._keys.pop(key)
+        if self._state[g] == FOREIGN:
+            self._foreign -= 1
+        else:
+            self._own -= 1
+        self._dirty[g] = 0
 
     # -- access times, counters -------------------------------------------------
 
-    def _touch(self, key: bytes) -> None:
-        self._map.move_to_end(key)
+    def _touch(self, g: int) -> None:
         self._clock += 1
-        self._touched[key] = self._clock
+        self._clock_of[g] = self._clock
+        self._dirty[g] = 1
 
     def take_touches(self) -> tuple[list[tuple[int, bytes]], int]:
         """(access times to persist, a fresh access time for the rows being written)."""
         with self.lock:
-            touches = [(t, k) for k, t in self._touched.items()]
-            self._touched.clear()
+            dirty = np.frombuffer(self._dirty, np.uint8)
+            slots = np.flatnonzero(dirty).tolist()
+            dirty[slots] = 0
+            del dirty
+            touches = [(self._clock_of[g], self._keys.key(g)) for g in slots]
             self._clock += 1
             return touches, self._clock
 

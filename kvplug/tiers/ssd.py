@@ -59,6 +59,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -67,7 +68,7 @@ from typing import Callable, Iterator
 import numpy as np
 import xxhash
 
-from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, tokens_array
+from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, hash_key, tokens_array
 from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
 from kvplug.tiers.manifest import Manifest, Row
@@ -84,6 +85,7 @@ MAX_BATCH = 32              # most transfers handled as one batch...
 MAX_BATCH_BYTES = 16 << 20  # ...and most bytes: big blocks gain nothing from batching
 CLOSE_TIMEOUT_S = 30.0      # close() returns within about this, whatever the disk does
 MAX_TOKENS = 1 << 16        # tokens a block may hold when block_tokens is not given
+_LITTLE = sys.byteorder == "little"  # a row's tokens (<i8) are then the bytes block_key hashes
 MAX_CLOCK = 1 << 62         # a row's last_access past this is damage (the clock would overflow int64)
 
 
@@ -164,7 +166,7 @@ class SSDTier(SSDWorkers):
             return "slot"
         if not 0 <= r.last_access < MAX_CLOCK:
             return "clock"
-        if block_key(r.parent, np.frombuffer(r.tokens, "<i8")) != r.key:
+        if (hash_key(r.parent + r.tokens) if _LITTLE else block_key(r.parent, np.frombuffer(r.tokens, "<i8"))) != r.key:
             return "chain"  # the key is not its parent's and tokens' hash: a lookup would mismatch
         return None
 
@@ -174,11 +176,14 @@ class SSDTier(SSDWorkers):
         manifest = self._manifest
         # Failed their row check, or held a blob too long to read: deleted by the manifest.
         problems = Counter({"row_check": manifest.dropped_rows, "oversized": manifest.oversized_rows})
-        own, foreign, used, drop, shrunk = [], [], set(), [], 0
+        index = SlotIndex(self.num_slots, tags=self._mac_key is not None,
+                          clock=max((r.last_access for r in manifest.rows if 0 <= r.last_access < MAX_CLOCK),
+                                    default=0))
+        used, drop, shrunk, kept = bytearray(self.num_slots), [], 0, []
         for r in manifest.rows:  # oldest access first
             problem = self._row_problem(r)
             g = r.segment * self.slots_per_segment + r.slot
-            if problem is None and g in used:
+            if problem is None and g < self.num_slots and used[g]:
                 problem = "duplicate_slot"
             if problem is not None:
                 problems[problem] += 1
@@ -187,25 +192,23 @@ class SSDTier(SSDWorkers):
                 shrunk += 1
                 drop.append(r.key)  # capacity shrank since
             else:
-                used.add(g)
+                used[g] = 1
                 is_foreign = r.fingerprint != self.fingerprint or r.format != FORMAT_VERSION
                 tag = None if is_foreign or self._mac_key is None else \
                     slot_header.meta_digest(r.key, r.parent, r.tokens)
-                (foreign if is_foreign else own).append((r.key, Entry(g, r.checksum, is_foreign, tag=tag)))
-        reserved = set()
+                index.add(r.key, g, r.checksum, is_foreign, r.last_access, tag)
+                if not is_foreign:
+                    kept.append((r.key, r.parent, r.tokens))
         if drop:
             try:
                 manifest.delete(drop)
             except sqlite3.Error as err:  # the rows may survive: leave the slots they name unused
                 dropped_keys = set(drop)
-                reserved = {r.segment * self.slots_per_segment + r.slot for r in manifest.rows
-                            if r.key in dropped_keys}
+                index.hold(g for r in manifest.rows if r.key in dropped_keys
+                           and 0 <= (g := r.segment * self.slots_per_segment + r.slot) < self.num_slots)
                 log.warning("kvplug SSD tier: could not delete %d bad manifest rows in %s: %s",
                             len(drop), self.path, err)
-        # Blocks of another model or format are never served here: evict them first.
-        index = SlotIndex(self.num_slots, foreign + own, reserved=reserved,
-                          clock=max((r.last_access for r in manifest.rows if 0 <= r.last_access < MAX_CLOCK),
-                                    default=0))
+        index.ready()
         bad = sum(problems.values())
         index.count("corruptions", bad)
         index.count("corruptions_manifest", bad)
@@ -218,19 +221,25 @@ class SSDTier(SSDWorkers):
         index.count("dropped_capacity", shrunk)
         index.count("manifest_resets", int(manifest.reset_reason is not None))
         manifest.rows = []
+        self._startup_entries = kept  # entries() hands them out once, unless blocks come or go first
         self._segments.prune(self.num_slots)
         return index, [k for k in manifest.dropped_keys + drop if isinstance(k, bytes)]
 
     # -- public API -----------------------------------------------------------
 
     def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
-        live = self._index.keys()
-        for key, parent, tokens in self._manifest.entries(self.fingerprint, FORMAT_VERSION):
-            if key in live and not len(tokens) % 8 and 1 <= len(tokens) // 8 <= self._max_tokens:
-                yield key, parent, np.frombuffer(tokens, "<i8").astype(np.int64)
+        """(key, parent, tokens) of every block of this fingerprint; the first call after
+        opening takes the rows start-up read (no second pass over a large manifest)."""
+        rows, self._startup_entries = self._startup_entries, None
+        if rows is None:
+            contains = self._index.contains
+            rows = [(k, p, t) for k, p, t in self._manifest.entries(self.fingerprint, FORMAT_VERSION)
+                    if contains(k) and not len(t) % 8 and 1 <= len(t) // 8 <= self._max_tokens]
+        for key, parent, tokens in rows:
+            yield key, parent, np.frombuffer(tokens, "<i8")
 
     def contains(self, key: bytes) -> bool:
-        return self._index.live(key) is not None
+        return self._index.contains(key)
 
     def write(self, key: bytes, parent: bytes, tokens, data) -> cf.Future:
         if len(key) != KEY_BYTES:
@@ -242,6 +251,7 @@ class SSDTier(SSDWorkers):
             raise RuntimeError(f"kvplug SSD tier at {self.path} is closed")
         if self.degraded:
             return self._off()
+        self._startup_entries = None
         fut, new = self._index.begin_write(key)
         if new:
             self._ops.put(_Op(fut, key, data, True, parent, tokens))
@@ -272,6 +282,11 @@ class SSDTier(SSDWorkers):
         e = self._index.live(key)
         if e is not None:
             self._drop(key, e)
+
+    def delete_all(self) -> None:
+        """Drop every block of this fingerprint (a cache reset)."""
+        for key in self._index.live_keys():
+            self.delete(key)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes in flight; False if some are still in flight after ``timeout``."""
@@ -344,6 +359,7 @@ class SSDTier(SSDWorkers):
 
     def _drop(self, key: bytes, e: Entry) -> None:
         """Forget a block; its slot is reusable once the row is gone and no read holds it."""
+        self._startup_entries = None
         if not self._index.detach(key, e):
             return
         try:

@@ -125,6 +125,7 @@ class SSDWorkers:
         slots, victims = self._index.take_free(n)
         if not victims:
             return slots
+        self._startup_entries = None
         try:
             self._manifest.delete([key for key, _ in victims])
         except sqlite3.Error:

@@ -1,0 +1,174 @@
+"""The whole store at scale: a TieredStore opening an SSD tier of N blocks.
+
+    python bench/scale_store.py              # 100k and 1M blocks -> results/scale_store.json (~3 min)
+    python bench/scale_store.py --quick      # 20k blocks: prints, writes nothing
+
+Where bench/scale.py measures the prefix index alone, this measures what the
+scheduler process holds per stored block once the store is open: the index,
+the SSD tier's slot map and the store's own state, and how long opening takes
+(reading and checking every manifest row, building the maps).
+
+Workload: a manifest of N rows written straight into a real SSD tier
+directory (the tier's own Manifest/Row code, valid keys, chains of 64 blocks
+of 16 tokens, ids below 2^17) with a tiny block (the bytes are never read:
+opening reads only the manifest). Each figure comes from a fresh subprocess:
+RSS before ``TieredStore(...)`` and after (gc collected, and after glibc's
+malloc_trim: heap the allocator keeps but the store does not use), the
+wall and CPU time of the constructor, and the median ``lookup`` time of a
+stored 64-block prompt (full hit) and of a novel one (miss).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CHAIN, BT, VOCAB = 64, 16, 1 << 17
+ROOT = b"r" * 16
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _setup():
+    from kvplug.config import KVPlugConfig
+    from kvplug.layout import KVLayout
+    from kvplug.tiers.slots import slot_stride
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_size=8, block_tokens=BT)
+    block = layout.raw_block_bytes()
+    return KVPlugConfig, layout, block, slot_stride(block)
+
+
+def _prompt(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, VOCAB, CHAIN * BT, dtype=np.int64)
+
+
+def make(path: str, blocks: int) -> None:
+    """Write ``blocks`` manifest rows (chains of CHAIN blocks) into a fresh SSD tier at ``path``."""
+    import sqlite3
+    from kvplug.keys import FORMAT_VERSION, chain_keys
+    from kvplug.tiers.manifest import _INSERT, Row
+    from kvplug.tiers.ssd import SSDTier
+    _, layout, block, stride = _setup()
+    tier = SSDTier(path, blocks * stride, block, ROOT, o_direct="off", block_tokens=BT)
+    per_seg = tier.slots_per_segment
+    tier.close()
+    conn = sqlite3.connect(os.path.join(path, "manifest.sqlite3"))
+    g = 0
+    with conn:
+        for c in range(blocks // CHAIN):
+            tokens = _prompt(c)
+            keys = chain_keys(ROOT, tokens, BT)
+            rows = []
+            for b, key in enumerate(keys):
+                parent = ROOT if b == 0 else keys[b - 1]
+                t = tokens[b * BT:(b + 1) * BT].astype("<i8").tobytes()
+                rows.append(Row(key, parent, t, g // per_seg, g % per_seg, 0, ROOT, FORMAT_VERSION, g).with_check())
+                g += 1
+            conn.executemany(_INSERT, rows)
+    conn.close()
+
+
+def child(path: str, blocks: int) -> dict:
+    from kvplug.store import TieredStore
+    KVPlugConfig, layout, block, stride = _setup()
+    queries = [_prompt(c) for c in range(0, blocks // CHAIN, max(1, blocks // CHAIN // 200))][:200]
+    novel = [_prompt(10**9 + i) for i in range(50)]
+    config = KVPlugConfig(cpu_bytes=64 * stride, shared_memory=False, ssd_path=path,
+                          ssd_bytes=blocks * stride, o_direct="off", io_threads=2)
+    _trim()
+    base = _rss()
+    t0, c0 = time.perf_counter(), time.process_time()
+    store = TieredStore(config, layout, block, ROOT)
+    open_s, open_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    gc.collect()
+    rss = _rss() - base
+    _trim()
+    rss_trimmed = _rss() - base
+    stored = store.stats()["ssd"]["blocks"]
+
+    def median_us(prompts) -> float:
+        times = []
+        for _ in range(3):
+            for p in prompts:
+                t = time.perf_counter()
+                store.lookup(p)
+                times.append(time.perf_counter() - t)
+        return round(float(np.median(times)) * 1e6, 1)
+
+    hit = store.lookup(queries[0])
+    out = {"blocks": stored, "open_s": round(open_s, 3), "open_cpu_s": round(open_cpu_s, 3),
+           "rss_bytes_per_block": round(rss / stored, 1), "rss_trimmed_bytes_per_block": round(rss_trimmed / stored, 1),
+           "lookup_full_hit_us": median_us(queries), "lookup_miss_us": median_us(novel),
+           "full_hit_tokens": hit.num_tokens}
+    store.close()
+    return out
+
+
+def main(sizes: list[int], write: bool) -> dict:
+    results = {}
+    for n in sizes:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("KVPLUG_SCALE_DIR")) as tmp:
+            path = os.path.join(tmp, "ssd")
+            t = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--make", path, str(n)], check=True)
+            made = time.perf_counter() - t
+            runs = []
+            for _ in range(2):
+                out = subprocess.run([sys.executable, __file__, "--child", path, str(n)], check=True,
+                                     capture_output=True, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+            best = {k: (max if "bytes" in k else min)(r[k] for r in runs) for k in runs[0]}
+            best["manifest_made_s"] = round(made, 1)
+            results[f"bt{BT}_{n}"] = best
+            print(n, best, flush=True)
+    doc = {
+        "what": "whole-store scheduler memory per stored SSD block, open (start-up) time, lookup time",
+        "method": __doc__.split("\n\n", 2)[2].strip(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "code": {"head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip()},
+        "results": results,
+    }
+    big = results.get(f"bt{BT}_1000000")
+    if big:
+        doc["targets"] = {"rss_bytes_per_block<=200": big["rss_bytes_per_block"] <= 200,
+                          "open_s<=5": big["open_s"] <= 5,
+                          "lookup_64_blocks_us<=100": big["lookup_full_hit_us"] <= 100}
+    if write:
+        (HERE / "results" / "scale_store.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--make"]:
+        make(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--child"]:
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]))))
+    elif sys.argv[1:2] == ["--quick"]:
+        main([20_000 // CHAIN * CHAIN], write=False)
+    else:
+        main([100_000 // CHAIN * CHAIN, 1_000_000 // CHAIN * CHAIN], write=True)

@@ -1,0 +1,82 @@
+"""KeyTable: 16-byte keys -> small integer ids, with no Python object per key.
+
+A fixed-capacity open-addressing hash table (linear probing, load <= 1/2,
+backward-shift deletion, no tombstones) over ids the owner chooses (the SSD
+tier's slot numbers): ``_keys`` holds each id's key (16 bytes at ``id * 16``),
+``_hash`` its home (Python's hash of the key, kept so deleting never rehashes),
+``_table`` the ids. About 28 bytes per id of capacity.
+(kvplug/index.py keeps the same kind of table, growable, beside its other
+per-block arrays.)
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from kvplug.keys import KEY_BYTES
+
+
+class KeyTable:
+    def __init__(self, capacity: int) -> None:
+        """Room for ids 0 .. capacity - 1."""
+        size = 16
+        while size < 2 * capacity:
+            size <<= 1
+        self._mask = size - 1
+        self._table = array("i", [-1]) * size
+        self._keys = bytearray(KEY_BYTES * capacity)
+        self._hash = array("I", bytes(4 * capacity))
+
+    def _probe(self, key: bytes) -> int:
+        """The table slot holding ``key``'s id, or the empty slot where it would go."""
+        table, keys, mask = self._table, self._keys, self._mask
+        h = hash(key) & mask
+        while True:
+            i = table[h]
+            if i < 0 or keys.startswith(key, i << 4):
+                return h
+            h = (h + 1) & mask
+
+    def find(self, key: bytes) -> int:
+        """The id of ``key``, or -1."""
+        return self._table[self._probe(key)] if len(key) == KEY_BYTES else -1
+
+    def put(self, key: bytes, i: int) -> None:
+        """Map ``key`` to the free id ``i`` (the key must not be in the table)."""
+        h = self._probe(key)
+        if self._table[h] >= 0:
+            raise KeyError(f"key {key.hex()} is in the table already")
+        o = i << 4
+        self._keys[o:o + KEY_BYTES] = key
+        self._hash[i] = hash(key) & 0xFFFFFFFF
+        self._table[h] = i
+
+    def pop(self, key: bytes) -> int:
+        """Remove ``key``; its id, or -1 if it was not there."""
+        if len(key) != KEY_BYTES:
+            return -1
+        h = self._probe(key)
+        i = self._table[h]
+        if i >= 0:
+            self._vacate(h)
+        return i
+
+    def key(self, i: int) -> bytes:
+        o = i << 4
+        return bytes(self._keys[o:o + KEY_BYTES])
+
+    def _vacate(self, h: int) -> None:
+        """Empty slot ``h``, shifting back later entries of its run that may move into it."""
+        table, hashes, mask = self._table, self._hash, self._mask
+        j = h
+        while True:
+            j = (j + 1) & mask
+            i = table[j]
+            if i < 0:
+                break
+            home = hashes[i] & mask
+            # i stays when its home lies cyclically in (h, j]: the hole is not on its probe path
+            if not (h < home <= j if h <= j else (home > h or home <= j)):
+                table[h] = i
+                h = j
+        table[h] = -1
