@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from array import array
 
+import numpy as np
+
 from kvplug.keys import KEY_BYTES
 
 
@@ -36,6 +38,36 @@ class KeyTable:
             if i < 0 or keys.startswith(key, i << 4):
                 return h
             h = (h + 1) & mask
+
+    def fill(self, keys: list[bytes], ids: np.ndarray) -> None:
+        """Map each of ``keys`` (distinct) to its id in an empty table, in a few vector ops
+        (as PrefixIndex._rehash): ids sorted by home slot land at home + the running
+        overflow of the slots before; the few past the end wrap around one by one."""
+        n = len(keys)
+        if not n:
+            return
+        ids = np.asarray(ids, np.int64)
+        hashes = np.fromiter((hash(k) & 0xFFFFFFFF for k in keys), np.int64, n)
+        key_bytes = np.frombuffer(self._keys, np.uint8).reshape(-1, KEY_BYTES)
+        key_bytes[ids] = np.frombuffer(b"".join(keys), np.uint8).reshape(n, KEY_BYTES)
+        del key_bytes
+        hash_view = np.frombuffer(self._hash, np.uint32)
+        hash_view[ids] = hashes
+        del hash_view
+        size = self._mask + 1
+        home = hashes & self._mask
+        order = np.argsort(home, kind="stable")
+        home, ids = home[order], ids[order]
+        run = np.arange(n, dtype=np.int64)
+        home -= run
+        np.maximum.accumulate(home, out=home)
+        home += run  # each id's slot, unwrapped (past the end: >= size)
+        fits = home < size
+        table = np.frombuffer(self._table, np.int32)
+        table[home[fits]] = ids[fits]
+        del table
+        for i in ids[~fits].tolist():
+            self._table[self._probe(self.key(i))] = i
 
     def find(self, key: bytes) -> int:
         """The id of ``key``, or -1."""

@@ -13,6 +13,7 @@ are wrapped as their modules get imported:
   there: ``read_error`` (the next n reads raise EIO), ``slow_read`` (the next n
   reads sleep first), ``enospc`` (the next n writes raise ENOSPC), ``bitflip``
   (the next n reads return a flipped byte, which the slot checksum must catch),
+  ``slow_write`` (the next n writes sleep ``seconds`` first),
   ``slow`` (every read and write takes ``factor`` times as long as it did,
   until cleared) and ``fail_every`` (every Nth read raises EIO, until cleared).
 - ``kvplug.connectors.vllm.scheduler.SchedulerHalf.__init__``: the first
@@ -91,10 +92,11 @@ def _read_action() -> tuple[str | None, dict | None]:
 def _write_action() -> tuple[str | None, dict | None]:
     with _lock:
         _calls["write"] += 1
-        f = _take("enospc")
-        if f is not None:
-            _injected["enospc"] += 1
-            return "enospc", f
+        for kind in ("enospc", "slow_write"):
+            f = _take(kind)
+            if f is not None:
+                _injected[kind] += 1
+                return kind, f
         f = _armed.get("slow")
         if f is not None and f.get("writes", True):
             _injected["slow_write_calls"] += 1
@@ -131,6 +133,8 @@ def _patch_fileio(module) -> None:
         kind, f = _write_action()
         if kind == "enospc":
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by bench/soak)")
+        if kind == "slow_write":
+            time.sleep(f["seconds"])
         t0 = time.perf_counter()
         n = pwritev(self, fd, bufs, offset)
         dt = time.perf_counter() - t0

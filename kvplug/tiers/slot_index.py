@@ -64,17 +64,18 @@ class SlotIndex:
 
     # -- start-up ---------------------------------------------------------------
 
-    def add(self, key: bytes, slot: int, checksum: int, foreign: bool, last_access: int,
-            tag: bytes | None = None) -> None:
-        """A block the manifest holds (start-up only; then ``ready``)."""
-        self._keys.put(key, slot)
-        self._state[slot] = FOREIGN if foreign else LIVE
-        self._checksum[slot] = checksum
-        self._clock_of[slot] = -1 if foreign else last_access
-        if foreign:
-            self._foreign += 1
-        else:
-            self._own += 1
+    def load(self, keys: list[bytes], slots: list[int], checksums: list[int], foreign: list[bool],
+             clocks: list[int], tags: list[bytes | None] | None = None) -> None:
+        """The blocks the manifest holds, at start-up (distinct keys and slots; then ``ready``)."""
+        g = np.array(slots, np.int64)
+        self._keys.fill(keys, g)
+        alien = np.array(foreign, bool)
+        np.frombuffer(self._state, np.uint8)[g] = np.where(alien, FOREIGN, LIVE)
+        np.frombuffer(self._checksum, np.int64)[g] = np.array(checksums, np.int64)
+        np.frombuffer(self._clock_of, np.int64)[g] = np.where(alien, -1, np.array(clocks, np.int64))
+        self._foreign = int(alien.sum())
+        self._own = len(keys) - self._foreign
+        for slot, tag in zip(slots, tags or ()):
             if tag is not None and self._tags is not None:
                 self._set_tag(slot, tag)
 

@@ -71,7 +71,7 @@ import xxhash
 from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, hash_key, tokens_array
 from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
-from kvplug.tiers.manifest import Manifest, Row
+from kvplug.tiers.manifest import Manifest
 from kvplug.tiers.segments import Segments
 from kvplug.tiers.slot_index import Entry, SlotIndex
 from kvplug.tiers.slots import ALIGN, slot_stride
@@ -155,18 +155,19 @@ class SSDTier(SSDWorkers):
         log.info("kvplug SSD tier: O_DIRECT unavailable in %s (%s); using buffered I/O", self.path, why)
         return False
 
-    def _row_problem(self, r: Row) -> str | None:
+    def _row_problem(self, key: bytes, parent: bytes, tokens: bytes, segment: int, slot: int,
+                     last_access: int) -> str | None:
         """What makes a manifest row unusable (None: nothing). Rows are untrusted input."""
-        if len(r.key) != KEY_BYTES:
+        if len(key) != KEY_BYTES:
             return "key"
-        n, odd = divmod(len(r.tokens), 8)
+        n, odd = divmod(len(tokens), 8)
         if odd or not 1 <= n <= self._max_tokens:
             return "tokens"
-        if r.segment < 0 or not 0 <= r.slot < self.slots_per_segment:
+        if segment < 0 or not 0 <= slot < self.slots_per_segment:
             return "slot"
-        if not 0 <= r.last_access < MAX_CLOCK:
+        if not 0 <= last_access < MAX_CLOCK:
             return "clock"
-        if (hash_key(r.parent + r.tokens) if _LITTLE else block_key(r.parent, np.frombuffer(r.tokens, "<i8"))) != r.key:
+        if (hash_key(parent + tokens) if _LITTLE else block_key(parent, np.frombuffer(tokens, "<i8"))) != key:
             return "chain"  # the key is not its parent's and tokens' hash: a lookup would mismatch
         return None
 
@@ -177,35 +178,42 @@ class SSDTier(SSDWorkers):
         # Failed their row check, or held a blob too long to read: deleted by the manifest.
         problems = Counter({"row_check": manifest.dropped_rows, "oversized": manifest.oversized_rows})
         index = SlotIndex(self.num_slots, tags=self._mac_key is not None,
-                          clock=max((r.last_access for r in manifest.rows if 0 <= r.last_access < MAX_CLOCK),
-                                    default=0))
+                          clock=max((r[8] for r in manifest.rows if 0 <= r[8] < MAX_CLOCK), default=0))
         used, drop, shrunk, kept = bytearray(self.num_slots), [], 0, []
-        for r in manifest.rows:  # oldest access first
-            problem = self._row_problem(r)
-            g = r.segment * self.slots_per_segment + r.slot
-            if problem is None and g < self.num_slots and used[g]:
-                problem = "duplicate_slot"
+        keys, slots, checksums, foreign, clocks, tags = [], [], [], [], [], []
+        per_segment, num_slots, mine, fmt_now = self.slots_per_segment, self.num_slots, self.fingerprint, FORMAT_VERSION
+        for key, parent, tokens, segment, slot, checksum, fingerprint, fmt, last_access, _ in manifest.rows:
+            problem = self._row_problem(key, parent, tokens, segment, slot, last_access)
+            g = segment * per_segment + slot
+            if problem is None and g < num_slots and used[g]:
+                problem = "duplicate_slot"  # the older row (seen first) keeps it
             if problem is not None:
                 problems[problem] += 1
-                drop.append(r.key)
-            elif not 0 <= g < self.num_slots:
+                drop.append(key)
+            elif not 0 <= g < num_slots:
                 shrunk += 1
-                drop.append(r.key)  # capacity shrank since
+                drop.append(key)  # capacity shrank since
             else:
                 used[g] = 1
-                is_foreign = r.fingerprint != self.fingerprint or r.format != FORMAT_VERSION
-                tag = None if is_foreign or self._mac_key is None else \
-                    slot_header.meta_digest(r.key, r.parent, r.tokens)
-                index.add(r.key, g, r.checksum, is_foreign, r.last_access, tag)
+                is_foreign = fingerprint != mine or fmt != fmt_now
+                keys.append(key)
+                slots.append(g)
+                checksums.append(checksum)
+                foreign.append(is_foreign)
+                clocks.append(last_access)
+                if self._mac_key is not None:
+                    tags.append(None if is_foreign else slot_header.meta_digest(key, parent, tokens))
                 if not is_foreign:
-                    kept.append((r.key, r.parent, r.tokens))
+                    kept.append((key, parent, tokens))
+        index.load(keys, slots, checksums, foreign, clocks, tags)
+        del keys, slots, checksums, foreign, clocks, tags
         if drop:
             try:
                 manifest.delete(drop)
             except sqlite3.Error as err:  # the rows may survive: leave the slots they name unused
                 dropped_keys = set(drop)
-                index.hold(g for r in manifest.rows if r.key in dropped_keys
-                           and 0 <= (g := r.segment * self.slots_per_segment + r.slot) < self.num_slots)
+                index.hold(g for r in manifest.rows if r[0] in dropped_keys
+                           and 0 <= (g := r[3] * per_segment + r[4]) < num_slots)
                 log.warning("kvplug SSD tier: could not delete %d bad manifest rows in %s: %s",
                             len(drop), self.path, err)
         index.ready()
