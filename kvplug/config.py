@@ -132,6 +132,9 @@ class KVPlugConfig:
     # Longest an SSD promotion may keep a request waiting (seconds); sooner when recomputing
     # the hit would be faster (from measured prefill speed). Then the request recomputes.
     promotion_timeout_s: float = 5.0
+    # Shortest such wait, whatever the estimates say (they are noisy for prompts that take
+    # milliseconds to recompute): a promotion gets at least this long.
+    promotion_min_wait_s: float = 0.05
     # A block that cannot be loaded: "recompute" it (the request goes on) or "fail"
     # the request (vLLM's kv_load_failure_policy, set from this for both spellings).
     load_failure_policy: str = "recompute"
@@ -170,6 +173,9 @@ class KVPlugConfig:
         if not 0 < self.promotion_timeout_s <= 3600:
             raise ConfigError(_message("promotion_timeout_s", self.promotion_timeout_s,
                                        "a number of seconds in (0, 3600]"))
+        if not 0 <= self.promotion_min_wait_s <= self.promotion_timeout_s:
+            raise ConfigError(_message("promotion_min_wait_s", self.promotion_min_wait_s,
+                                       f"a number of seconds in [0, promotion_timeout_s={self.promotion_timeout_s}]"))
         if self.integrity_key is not None and not _INTEGRITY_REF.match(self.integrity_key):
             raise ConfigError(_INTEGRITY_HIDDEN)  # the value may be the secret itself: never echoed
         # Upper bounds too: a value that passes here must not fail later (a million I/O threads).

@@ -109,11 +109,29 @@ class LoadPolicy:
                 self._seen[t] = now  # one probe at a time
         return True
 
-    def promotion_deadline(self, tokens: int, cap_s: float) -> float:
-        """Seconds a request may wait for a promotion of ``tokens``: until recomputing them
-        would have been faster (once prefill speed is measured), at most ``cap_s``."""
+    def promotion_deadline(self, tokens: int, promoted: dict[str, int], cap_s: float, floor_s: float = 0.0) -> float:
+        """Seconds a request may wait for the promotion of ``promoted`` bytes (by tier) before it
+        recomputes its ``tokens`` instead. A request that gives up pays the wait on top of the
+        recompute, so the wait is kept to what the promotion should take:
+
+        - prefill speed not measured yet: ``cap_s``;
+        - tier speed not measured yet (a first promotion): until recomputing would have been
+          faster, at most ``cap_s``;
+        - otherwise twice the time the tier's measured speed predicts, but at least a tenth of
+          recomputing (so a disk that turns 100x slower costs at most ~10% over recomputing)
+          and never more than recomputing; a probe of a tier judged too slow gets the tenth.
+        Never under ``floor_s`` (scheduling jitter), never over ``cap_s``."""
         recompute = self.recompute_seconds(tokens)
-        return cap_s if recompute is None else min(cap_s, recompute)
+        if recompute is None:
+            return cap_s
+        load = self.load_seconds(promoted)
+        if load is None:
+            wait = recompute
+        elif load * self.margin >= recompute:
+            wait = recompute / 10
+        else:
+            wait = min(recompute, max(recompute / 10, 2 * load))
+        return min(cap_s, max(floor_s, wait))
 
     def snapshot(self) -> dict[str, float | None]:
         with self._lock:

@@ -54,3 +54,19 @@ def test_a_slow_tier_is_skipped_in_every_mode_and_probed_once_a_while(monkeypatc
     assert p.should_load(500, {"ssd": 10**6})       # not measured since: one probe goes through
     monkeypatch.setattr(kvplug.policy, "PROBE_S", 60.0)
     assert not p.should_load(500, {"ssd": 10**6})   # and only one
+
+
+def test_promotion_deadline_keeps_a_give_up_within_a_tenth_of_recomputing():
+    p = LoadPolicy("always")
+    ssd = {"ssd": 100_000_000}
+    assert p.promotion_deadline(1000, ssd, cap_s=5) == 5  # nothing measured: the cap
+    p.observe_prefill(1000, 1.0)  # recomputing 1000 tokens: 1 s
+    assert p.promotion_deadline(1000, ssd, cap_s=5) == pytest.approx(1.0)  # first promotion: until recomputing wins
+    assert p.promotion_deadline(1000, ssd, cap_s=0.5) == 0.5
+    p.observe_load("ssd", 1_000_000_000, 1.0)  # 1 GB/s: 100 MB in 0.1 s
+    assert p.promotion_deadline(1000, ssd, cap_s=5) == pytest.approx(0.2)  # twice the prediction
+    assert p.promotion_deadline(1000, {"ssd": 10_000_000}, cap_s=5) == pytest.approx(0.1)  # at least a tenth
+    assert p.promotion_deadline(1000, {"ssd": 10_000_000}, cap_s=5, floor_s=0.3) == pytest.approx(0.3)
+    assert p.promotion_deadline(1000, {"ssd": 450_000_000}, cap_s=5) == pytest.approx(0.9)
+    assert p.promotion_deadline(1000, {"ssd": 600_000_000}, cap_s=5) == pytest.approx(1.0)  # never past recomputing
+    assert p.promotion_deadline(1000, {"ssd": 1_200_000_000}, cap_s=5) == pytest.approx(0.1)  # judged slow: a probe

@@ -72,7 +72,10 @@ class SchedulerHalf:
             return 0, False
         if not st.handle.done():
             waited = time.monotonic() - st.asked
-            if waited < self.policy.promotion_deadline(st.handle.num_tokens_asked, self.config.promotion_timeout_s):
+            deadline = self.policy.promotion_deadline(
+                st.handle.num_tokens_asked, {"ssd": st.promoting * self.geo.block_bytes},
+                self.config.promotion_timeout_s, self.config.promotion_min_wait_s)
+            if waited < deadline:
                 return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
             # Recomputing would have been faster: give up (the read lands in the CPU tier later,
             # and its real time is measured then); until then the SSD is known to be this slow.

@@ -64,7 +64,7 @@ def test_a_promotion_past_its_deadline_is_abandoned_and_recomputed(tmp_path, mon
 def test_the_deadline_is_sooner_when_recomputing_is_faster(tmp_path, monkeypatch):
     ssd = stored_on_ssd(tmp_path)
     slow_reads(monkeypatch, 1.0)
-    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=60)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=60, promotion_min_wait_s=0)
     try:
         e.sched.policy.observe_prefill(4700, 1.0)  # 47 tokens recompute in 10 ms
         b = e.request("b", PROMPT)
@@ -78,7 +78,8 @@ def test_the_deadline_is_sooner_when_recomputing_is_faster(tmp_path, monkeypatch
 def test_after_a_timeout_the_next_ssd_hit_recomputes_at_once(tmp_path, monkeypatch):
     ssd = stored_on_ssd(tmp_path)
     landed = slow_reads(monkeypatch, 1.0)
-    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=0.2)  # load_policy=always
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=0.2,
+               promotion_min_wait_s=0)  # load_policy=always
     try:
         e.sched.policy.observe_prefill(4700, 1.0)  # recomputing 47 tokens: 10 ms
         b = e.request("b", PROMPT)
