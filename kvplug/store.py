@@ -53,6 +53,7 @@ from kvplug.layout import KVLayout
 from kvplug.store_counters import StoreCounters
 from kvplug.store_ssd import SSDTransfers
 from kvplug.tiers.base import BackingTier
+from kvplug.tiers import slot_header
 from kvplug.tiers.cpu import CPUTier
 from kvplug.tiers.ssd import CLOSE_TIMEOUT_S, SSDTier
 
@@ -96,7 +97,9 @@ class TieredStore(SSDTransfers):
         self._events: list[tuple[bool, bytes]] | None = [] if events else None  # (entered?, key)
         self._idle = threading.Condition(self._lock)      # SSD transfers finished
         self._closed = False
-        self.epoch = epoch.load(config.ssd_path if ssd is not None else None)
+        self._epoch_key = None if self.ssd is None or not config.integrity_key else \
+            slot_header.derive_key(config.integrity_secret())
+        self.epoch = epoch.load(config.ssd_path if ssd is not None else None, self._epoch_key)
         if ssd is not None:
             index_bulk.load(self._index, list(ssd.entries()))
 
@@ -331,7 +334,7 @@ class TieredStore(SSDTransfers):
         nothing stored before the reset is loaded after it, in this process or after a
         restart. Blocks pinned by loads in flight keep their slots until unpinned; saves
         in flight complete under old-epoch roots, which no lookup walks any more."""
-        new_epoch = epoch.advance(self.config.ssd_path if self.ssd is not None else None)
+        new_epoch = epoch.advance(self.config.ssd_path if self.ssd is not None else None, self._epoch_key)
         with self._lock:
             self.epoch = new_epoch
             for key, block in list(self._resident.items()):

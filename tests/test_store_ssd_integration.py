@@ -56,3 +56,25 @@ def test_row_with_too_many_tokens_does_not_stop_the_store(tmp_path):
     check_bytes(store, list(range(8)), 8)
     assert store.stats()["ssd"]["corruptions_manifest_tokens"] == 1
     store.close()
+
+
+def test_with_a_key_an_epoch_file_that_fails_its_mac_reaches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("KV_SECRET", "s" * 32)
+    config = dict(ssd_path=str(tmp_path / "ssd"), ssd_bytes=64 * STRIDE, o_direct="off", integrity_key="env:KV_SECRET")
+    store = make(tmp_path, **config)
+    store.reset()  # (request roots hold the epoch: connectors/vllm/identity.py)
+    epoch_now = store.epoch
+    store.close()
+    path = tmp_path / "ssd" / "EPOCH"
+    assert len(path.read_text().split()) == 2  # the epoch and its MAC
+    store = make(tmp_path, **config)
+    assert store.epoch == epoch_now  # a restart keeps the signed epoch
+    store.close()
+    path.write_text(bytes(16).hex() + "\n" + path.read_text().split()[1] + "\n")  # an edited epoch
+    store = make(tmp_path, **config)
+    assert store.epoch not in (epoch_now, bytes(16), b"")  # a fresh one: nothing stored before is reachable
+    store.close()
+    path.write_text(epoch_now.hex() + "\n")  # the right epoch, without its MAC
+    store = make(tmp_path, **config)
+    assert store.epoch not in (epoch_now, b"")
+    store.close()

@@ -42,8 +42,9 @@ miss, dropped and counted (``corruptions_mac``, ``corruptions_mac_missing``);
 a reader without a key does not serve blocks that carry one
 (``corruptions_mac_unexpected``). What the MAC does not cover: a writer can
 still delete blocks, replay this directory's own older blocks under the same
-key (same key, same tokens: the same KV, unless the cache epoch was rolled
-back through the EPOCH file, which is not authenticated), or fill the disk.
+key (same key, same tokens: the same KV), replay an older EPOCH file (it
+carries a MAC, but an old one is still valid: kvplug/epoch.py says what that
+reaches), or fill the disk.
 
 The tier forgets blocks on its own (LRU eviction, corrupt or unverifiable
 blocks, rows dropped at start-up, capacity shrink): ``on_drop`` is called
