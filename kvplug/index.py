@@ -43,6 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .key_table import probe, vacate
 from .keys import KEY_BYTES, hash_key, tokens_array
 
 
@@ -89,15 +90,7 @@ class PrefixIndex:
     # -- hash table --------------------------------------------------------------
 
     def _slot(self, key: bytes) -> int:
-        """The table slot holding ``key``'s id, or the empty slot where it would go.
-        ``key`` must be KEY_BYTES long (``startswith`` compares that many bytes)."""
-        table, keys, mask = self._table, self._keys, self._mask
-        h = hash(key) & mask
-        while True:
-            i = table[h]
-            if i < 0 or keys.startswith(key, i << 4):
-                return h
-            h = (h + 1) & mask
+        return probe(self._table, self._keys, self._mask, key)
 
     def _find(self, key: bytes) -> int:
         """The id of ``key``, or -1."""
@@ -135,20 +128,7 @@ class PrefixIndex:
             table[self._slot(bytes(self._keys[o:o + 16]))] = i
 
     def _vacate(self, h: int) -> None:
-        """Empty slot ``h``, shifting back later entries of its run that may move into it."""
-        table, hashes, mask = self._table, self._hash, self._mask
-        j = h
-        while True:
-            j = (j + 1) & mask
-            i = table[j]
-            if i < 0:
-                break
-            home = hashes[i] & mask
-            # i stays when its home lies cyclically in (h, j]: the hole is not on its probe path
-            if not (h < home <= j if h <= j else (home > h or home <= j)):
-                table[h] = i
-                h = j
-        table[h] = -1
+        vacate(self._table, self._hash, self._mask, h)
 
     # -- children ------------------------------------------------------------------
 

@@ -30,14 +30,7 @@ class KeyTable:
         self._hash = array("I", bytes(4 * capacity))
 
     def _probe(self, key: bytes) -> int:
-        """The table slot holding ``key``'s id, or the empty slot where it would go."""
-        table, keys, mask = self._table, self._keys, self._mask
-        h = hash(key) & mask
-        while True:
-            i = table[h]
-            if i < 0 or keys.startswith(key, i << 4):
-                return h
-            h = (h + 1) & mask
+        return probe(self._table, self._keys, self._mask, key)
 
     def fill(self, keys: list[bytes], ids: np.ndarray) -> None:
         """Map each of ``keys`` (distinct) to its id in an empty table, in a few vector ops
@@ -98,17 +91,33 @@ class KeyTable:
         return bytes(self._keys[o:o + KEY_BYTES])
 
     def _vacate(self, h: int) -> None:
-        """Empty slot ``h``, shifting back later entries of its run that may move into it."""
-        table, hashes, mask = self._table, self._hash, self._mask
-        j = h
-        while True:
-            j = (j + 1) & mask
-            i = table[j]
-            if i < 0:
-                break
-            home = hashes[i] & mask
-            # i stays when its home lies cyclically in (h, j]: the hole is not on its probe path
-            if not (h < home <= j if h <= j else (home > h or home <= j)):
-                table[h] = i
-                h = j
-        table[h] = -1
+        vacate(self._table, self._hash, self._mask, h)
+
+
+def probe(table: array, keys: bytearray, mask: int, key: bytes) -> int:
+    """The slot of a linear-probing ``table`` of ids holding ``key``'s id (``keys``: each id's
+    16-byte key at ``id * 16``), or the empty slot where it would go. ``key`` must be
+    KEY_BYTES long (``startswith`` compares that many bytes)."""
+    h = hash(key) & mask
+    while True:
+        i = table[h]
+        if i < 0 or keys.startswith(key, i << 4):
+            return h
+        h = (h + 1) & mask
+
+
+def vacate(table: array, hashes: array, mask: int, h: int) -> None:
+    """Empty slot ``h`` of a linear-probing ``table`` of ids (``hashes[id]``: the id's home,
+    before masking), shifting back later entries of its run that may move into it."""
+    j = h
+    while True:
+        j = (j + 1) & mask
+        i = table[j]
+        if i < 0:
+            break
+        home = hashes[i] & mask
+        # i stays when its home lies cyclically in (h, j]: the hole is not on its probe path
+        if not (h < home <= j if h <= j else (home > h or home <= j)):
+            table[h] = i
+            h = j
+    table[h] = -1
