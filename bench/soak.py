@@ -57,7 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--phases", default=",".join(n for n, _ in PHASES), help="slow disk: phases to run")
     p.add_argument("--load-policy", default="always", choices=("always", "auto"),
                    help="slow disk: kvplug's load_policy (auto: skip loads its measurements say are slower)")
-    p.add_argument("--slow-cpu-bytes", default="4MiB", help="slow disk: CPU tier (15 blocks)")
+    p.add_argument("--slow-cpu-bytes", default="8MiB", help="slow disk: CPU tier (31 blocks: one prefix, not three)")
+    p.add_argument("--slow-prefix-tokens", type=int, default=3072,
+                   help="slow disk: the shared prefix (long enough that a tenth of recomputing it is past "
+                        "--slow-min-wait-s, the shortest promotion wait)")
+    p.add_argument("--slow-min-wait-s", type=float, default=0.02, help="slow disk: kvplug's promotion_min_wait_s")
     p.add_argument("--slow-ssd-bytes", default="1GiB", help="slow disk: SSD tier (no SSD eviction)")
     p.add_argument("--control-max", type=int, default=40,
                    help="differing outputs replayed on vLLM's own prefix cache (0: none)")

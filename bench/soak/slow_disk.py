@@ -1,6 +1,6 @@
 """Slow and failing disk (``--mode slow-disk``).
 
-Slow-disk workload (``--mode slow-disk``): trials of a 1,024-token prefix
+Slow-disk workload (``--mode slow-disk``): trials of a 3,072-token prefix
 stored (A), pushed out of the CPU tier by two fillers, then hit from SSD (B),
 plus a batch of misses and a batch mixing misses with an SSD hit, run side by
 side (step by step, alternating) on the kvplug engine and on vLLM alone.
@@ -27,12 +27,15 @@ from .workload import PHASES, slow_disk_workload
 def run_slow_disk(args, workdir: Path, log=print) -> dict:
     t_start = time.monotonic()
     model = model_path()
-    steps, prompts = slow_disk_workload(args.trials, args.seed, args.phases.split(","))
-    kv = kvplug_config(workdir / "ssd", args.slow_cpu_bytes, args.slow_ssd_bytes, load_policy=args.load_policy)
+    steps, prompts = slow_disk_workload(args.trials, args.seed, args.phases.split(","),
+                                        prefix_tokens=args.slow_prefix_tokens)
+    kv = kvplug_config(workdir / "ssd", args.slow_cpu_bytes, args.slow_ssd_bytes, load_policy=args.load_policy,
+                       promotion_min_wait_s=args.slow_min_wait_s)
+    max_len = max(2048, args.slow_prefix_tokens + 32 + args.max_tokens + 16)
     log(f"slow disk: {len(steps)} steps x 2 engines; starting the kvplug engine and vLLM alone")
     eng, ref = start_engines([
-        dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=2048, ctl_dir=workdir / "ctl"),
-        dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=2048),
+        dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_len, ctl_dir=workdir / "ctl"),
+        dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_len),
     ])
     starts = {"kvplug": round(eng.start_wall_s, 1), "vllm": round(ref.start_wall_s, 1)}
     rows = []

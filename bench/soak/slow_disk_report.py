@@ -99,7 +99,7 @@ def summarize_slow_disk(args, v: dict) -> dict:
                 "side by side with vLLM alone (no kvplug, same thread layout, the same prompts step by step)",
         "machine": machine(), "code": code_state(), "model": model_info(v["model"]),
         "config": {"trials_per_phase": args.trials, "seed": args.seed, "max_tokens": args.max_tokens,
-                   "prefix_tokens": 1024, "suffix_tokens": 32, "miss_prompt_tokens": 384,
+                   "prefix_tokens": args.slow_prefix_tokens, "suffix_tokens": 32, "miss_prompt_tokens": 384,
                    "kvplug": {k: val for k, val in v["kv"].items() if k != "ssd_path"} | {"ssd_path": "<temp dir>"},
                    "engine_env": ENV, "phases": dict(PHASES),
                    "slow": "each SSD read (preadv) sleeps (factor - 1) x its own measured duration after it",
