@@ -9,9 +9,11 @@ The first epoch is empty: a store that was never reset keeps its keys.
 With an integrity key the file also carries a keyed MAC of the epoch: one
 that fails (edited, or written without the key) reads as a random epoch
 nobody stored under, so nothing stored before is reachable. What the MAC
-cannot stop is a replay of an older file of the same directory; that reaches
-only blocks a reset did not delete (a reset deletes every block it can: only
-saves in flight during it survive, under the old root).
+cannot stop is a replay of an older file of the same directory, or its
+deletion (read as the first epoch); that reaches only blocks a reset did not
+delete (a reset deletes every block it can: only saves in flight during it
+survive, under the old root). An unsigned file read with a key (a store that
+turns ``integrity_key`` on) fails too: a new epoch once, then signed files.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def _mac(key: bytes, value: bytes) -> bytes:
     return hashlib.blake2b(value, key=key, digest_size=_MAC_BYTES, person=b"kvplug.epoch").digest()
 
 
-def load(directory: str | None, mac_key: bytes | None = None) -> bytes:
-    """The epoch recorded in ``directory`` (b"" when none was: a fresh store). A file that
-    cannot be read back, or whose MAC fails under ``mac_key``, gives a random epoch."""
+def load(directory: str | None, mac_key: bytes | None = None) -> bytes | None:
+    """The epoch recorded in ``directory`` (b"" when none was: a fresh store, or a deleted
+    file). None when the file cannot be read back or its MAC fails under ``mac_key``: the
+    caller moves to a new epoch (``advance``), so nothing stored before is reachable."""
     if directory is None:
         return b""
     try:
@@ -51,10 +54,10 @@ def load(directory: str | None, mac_key: bytes | None = None) -> bytes:
     ok = len(value) == _BYTES and (mac_key is None or hmac.compare_digest(tag, _mac(mac_key, value)))
     if not ok:
         # An epoch file that cannot be read back or trusted must not bring back the blocks
-        # of an earlier epoch: any value nobody stored under will do.
+        # of an earlier epoch: a new one nobody stored under.
         log.warning("kvplug: the cache epoch in %s is unreadable or fails its MAC; starting a new one "
                     "(every block stored before is unreachable)", directory)
-        return secrets.token_bytes(_BYTES)
+        return None
     return value
 
 

@@ -9,8 +9,9 @@ machine (a busy SSD, a larger batch).
 Slow tiers (SSD, remote) are always checked, whatever the mode: "always" loads
 every CPU hit, but a promotion measured to be slower than recomputing is
 skipped. A promotion that outlived its deadline bounds its tier's speed at
-once (``observe_timeout``), so the next request recomputes without waiting;
-a tier not measured for ``PROBE_S`` gets one promotion through again, so a
+once (``observe_timeout``), so the next request recomputes without waiting.
+A tier judged too slow is probed again once every ``PROBE_S`` (``probe_due``:
+the caller reads one block in the background, no request waits for it), so a
 disk that recovers is seen to.
 """
 
@@ -94,19 +95,16 @@ class LoadPolicy:
             return True
         checked = bytes_by_tier if self.mode == "auto" else {t: bytes_by_tier[t] for t in slow}
         load, recompute = self.load_seconds(checked), self.recompute_seconds(tokens)
-        if load is None or recompute is None or load * self.margin < recompute:
-            return True
-        return self._probe(slow)
+        return load is None or recompute is None or load * self.margin < recompute
 
-    def _probe(self, slow: list[str]) -> bool:
-        """Let a promotion through a tier judged too slow when it has not been measured for
-        ``PROBE_S``: it may have recovered (the probe measures it again)."""
+    def probe_due(self, tier: str) -> bool:
+        """True (once) when ``tier`` has not been measured for ``PROBE_S``: the caller reads one
+        of its blocks in the background and reports the time (``observe_load``)."""
         now = time.monotonic()
         with self._lock:
-            if not slow or any(now - self._seen.get(t, now) < PROBE_S for t in slow):
+            if now - self._seen.get(tier, now) < PROBE_S:
                 return False
-            for t in slow:
-                self._seen[t] = now  # one probe at a time
+            self._seen[tier] = now  # one probe at a time
         return True
 
     def promotion_deadline(self, tokens: int, promoted: dict[str, int], cap_s: float, floor_s: float = 0.0) -> float:
@@ -119,18 +117,13 @@ class LoadPolicy:
           faster, at most ``cap_s``;
         - otherwise twice the time the tier's measured speed predicts, but at least a tenth of
           recomputing (so a disk that turns 100x slower costs at most ~10% over recomputing)
-          and never more than recomputing; a probe of a tier judged too slow gets the tenth.
+          and never more than recomputing.
         Never under ``floor_s`` (scheduling jitter), never over ``cap_s``."""
         recompute = self.recompute_seconds(tokens)
         if recompute is None:
             return cap_s
         load = self.load_seconds(promoted)
-        if load is None:
-            wait = recompute
-        elif load * self.margin >= recompute:
-            wait = recompute / 10
-        else:
-            wait = min(recompute, max(recompute / 10, 2 * load))
+        wait = recompute if load is None else min(recompute, max(recompute / 10, 2 * load))
         return min(cap_s, max(floor_s, wait))
 
     def snapshot(self) -> dict[str, float | None]:

@@ -100,6 +100,8 @@ class TieredStore(SSDTransfers):
         self._epoch_key = None if self.ssd is None or not config.integrity_key else \
             slot_header.derive_key(config.integrity_secret())
         self.epoch = epoch.load(config.ssd_path if ssd is not None else None, self._epoch_key)
+        if self.epoch is None:  # unreadable, or failed its MAC: a new epoch, written (signed) at once
+            self.epoch = epoch.advance(config.ssd_path, self._epoch_key)
         if ssd is not None:
             index_bulk.load(self._index, list(ssd.entries()))
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import time
 from functools import partial
 from typing import Callable
+
+import numpy as np
 
 from kvplug.block_state import BlockState
 
@@ -76,6 +79,18 @@ class SSDTransfers:
             self._idle.notify_all()
         for handle, i in waiting:
             handle._read_done(i, ok)
+
+    def probe_ssd(self, key: bytes, done: Callable[[bool, float], None]) -> None:
+        """Read one SSD block into a scratch buffer, in the background, to time the disk:
+        ``done(ok, seconds)`` from an I/O thread. Nothing is pinned or promoted."""
+        if self.ssd is None:
+            return
+        start, scratch = time.monotonic(), np.empty(self.block_bytes, np.uint8)
+
+        def landed(future: cf.Future) -> None:
+            done(not future.cancelled() and future.exception() is None and future.result() is True,
+                 time.monotonic() - start)
+        self._submit(self.ssd.read, (key, scratch), landed)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued SSD write has finished; False if some had not by ``timeout``."""

@@ -50,10 +50,16 @@ def test_a_slow_tier_is_skipped_in_every_mode_and_probed_once_a_while(monkeypatc
     p.observe_timeout("ssd", 10**6, 2.0)            # a promotion of 1 MB took over 2 s
     assert not p.should_load(500, {"ssd": 10**6})   # the next one would too: recompute
     assert p.should_load(500, {"cpu": 10**9})
+    assert not p.probe_due("ssd")                   # just measured
     monkeypatch.setattr(kvplug.policy, "PROBE_S", 0.0)
-    assert p.should_load(500, {"ssd": 10**6})       # not measured since: one probe goes through
+    assert not p.should_load(500, {"ssd": 10**6})   # no request waits for a probe...
+    assert p.probe_due("ssd")                       # ...one block is read in the background
     monkeypatch.setattr(kvplug.policy, "PROBE_S", 60.0)
-    assert not p.should_load(500, {"ssd": 10**6})   # and only one
+    assert not p.probe_due("ssd")                   # and only one
+    p.observe_load("ssd", 10**8, 0.01)              # the disk recovered: the estimate follows
+    for _ in range(10):
+        p.observe_load("ssd", 10**8, 0.01)
+    assert p.should_load(500, {"ssd": 10**6})
 
 
 def test_promotion_deadline_keeps_a_give_up_within_a_tenth_of_recomputing():
@@ -69,4 +75,4 @@ def test_promotion_deadline_keeps_a_give_up_within_a_tenth_of_recomputing():
     assert p.promotion_deadline(1000, {"ssd": 10_000_000}, cap_s=5, floor_s=0.3) == pytest.approx(0.3)
     assert p.promotion_deadline(1000, {"ssd": 450_000_000}, cap_s=5) == pytest.approx(0.9)
     assert p.promotion_deadline(1000, {"ssd": 600_000_000}, cap_s=5) == pytest.approx(1.0)  # never past recomputing
-    assert p.promotion_deadline(1000, {"ssd": 1_200_000_000}, cap_s=5) == pytest.approx(0.1)  # judged slow: a probe
+    assert p.promotion_deadline(1000, {"ssd": 1_200_000_000}, cap_s=5) == pytest.approx(1.0)

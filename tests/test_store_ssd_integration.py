@@ -72,7 +72,11 @@ def test_with_a_key_an_epoch_file_that_fails_its_mac_reaches_nothing(tmp_path, m
     store.close()
     path.write_text(bytes(16).hex() + "\n" + path.read_text().split()[1] + "\n")  # an edited epoch
     store = make(tmp_path, **config)
-    assert store.epoch not in (epoch_now, bytes(16), b"")  # a fresh one: nothing stored before is reachable
+    fresh = store.epoch
+    assert fresh not in (epoch_now, bytes(16), b"")  # a fresh one: nothing stored before is reachable
+    store.close()
+    store = make(tmp_path, **config)
+    assert store.epoch == fresh  # written, signed: the next restart keeps it
     store.close()
     path.write_text(epoch_now.hex() + "\n")  # the right epoch, without its MAC
     store = make(tmp_path, **config)

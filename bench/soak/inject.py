@@ -13,7 +13,7 @@ are wrapped as their modules get imported:
   there: ``read_error`` (the next n reads raise EIO), ``slow_read`` (the next n
   reads sleep first), ``enospc`` (the next n writes raise ENOSPC), ``bitflip``
   (the next n reads return a flipped byte, which the slot checksum must catch),
-  ``slow_write`` (the next n writes sleep ``seconds`` first),
+  ``slow_write`` (the next n writes put half the slot down, sleep ``seconds``, then write it all),
   ``slow`` (every read and write takes ``factor`` times as long as it did,
   until cleared) and ``fail_every`` (every Nth read raises EIO, until cleared).
 - ``kvplug.connectors.vllm.scheduler.SchedulerHalf.__init__``: the first
@@ -133,7 +133,10 @@ def _patch_fileio(module) -> None:
         kind, f = _write_action()
         if kind == "enospc":
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by bench/soak)")
-        if kind == "slow_write":
+        if kind == "slow_write":  # half the slot first (4 KiB-aligned for O_DIRECT): a kill now tears it
+            half = len(memoryview(bufs[0]).cast("B")) // 2 // 4096 * 4096
+            if half:
+                os.pwrite(fd, memoryview(bufs[0]).cast("B")[:half], offset)
             time.sleep(f["seconds"])
         t0 = time.perf_counter()
         n = pwritev(self, fd, bufs, offset)

@@ -117,13 +117,21 @@ class SchedulerHalf:
         tiers = Counter(r.tier for r in refs)
         if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()}):
             self.stats.add("policy_skipped_tokens", new)
+            if tiers["ssd"] and self.policy.probe_due("ssd"):  # has the SSD recovered? (no request waits)
+                self.store.probe_ssd(next(r.key for r in refs if r.tier == "ssd"), self._probed)
             return False
         st.move(LoadPhase.PINNED)
         st.handle = self.store.prepare_load(refs)
-        st.lookup_from, st.promoting, st.asked = num_computed_tokens, tiers["ssd"], time.monotonic()
+        # The reads it really issued (a block dropped since the lookup ends the hit before it).
+        st.promoting = sum(b.tier == "ssd" for b in st.handle.blocks)
+        st.lookup_from, st.asked = num_computed_tokens, time.monotonic()
         if st.promoting:
             self.stats.add("promotions")
         return True
+
+    def _probed(self, ok: bool, seconds: float) -> None:
+        if ok:
+            self.policy.observe_load("ssd", self.geo.block_bytes, seconds)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
@@ -211,8 +219,8 @@ class SchedulerHalf:
         if self._late:
             pending = []
             for handle, asked, nbytes in self._late:
-                if handle.done():
-                    self.policy.observe_timeout("ssd", nbytes, handle.done_at - asked)
+                if handle.done():  # its real speed, averaged in: a disk that stalled once recovers
+                    self.policy.observe_load("ssd", nbytes, handle.done_at - asked)
                 else:
                     pending.append((handle, asked, nbytes))
             self._late = pending

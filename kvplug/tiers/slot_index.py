@@ -169,8 +169,8 @@ class SlotIndex:
             return list(self._pending.values())
 
     def take_free(self, n: int) -> tuple[list[int], list[tuple[bytes, Entry]]]:
-        """Up to n free slots, and the LRU unpinned blocks to evict for the rest
-        (out of the map already: nothing can pin them any more). Every slot
+        """Up to n free slots, and the LRU unpinned blocks to evict for the rest and a
+        batch more (out of the map already: nothing can pin them any more). Every slot
         returned is HELD until ``end_write`` or ``give_back``."""
         with self.lock:
             k = min(n, len(self._free))
@@ -178,12 +178,15 @@ class SlotIndex:
             del self._free[len(self._free) - k:]
             victims = []
             if k < n:
+                # One pass over every slot picks a batch (1/128 of the tier, at most 4096 blocks,
+                # at least what is missing): a full tier pays the scan once per batch, not per write.
+                want = max(n - k, min(4096, len(self._state) // 128))
                 state = np.frombuffer(self._state, np.uint8)
                 pins = np.frombuffer(self._pins, np.int32)
                 cand = np.flatnonzero(((state == LIVE) | (state == FOREIGN)) & (pins == 0))
-                if len(cand) > n - k:
+                if len(cand) > want:
                     clocks = np.frombuffer(self._clock_of, np.int64)[cand]
-                    part = np.argpartition(clocks, n - k - 1)[:n - k]
+                    part = np.argpartition(clocks, want - 1)[:want]
                     cand = cand[part[np.argsort(clocks[part], kind="stable")]]
                 del state, pins
                 for g in cand.tolist():
@@ -214,6 +217,8 @@ class SlotIndex:
     def unpin(self, e: Entry) -> None:
         with self.lock:
             g = e.slot
+            if self._pins[g] <= 0:
+                raise RuntimeError(f"kvplug SSD tier: slot {g} unpinned more often than pinned")
             self._pins[g] -= 1
             if self._pins[g] == 0 and self._state[g] == DROPPED:
                 self._state[g] = FREE
@@ -222,11 +227,22 @@ class SlotIndex:
     def detach(self, key: bytes, e: Entry) -> bool:
         """Take a block out of the map (before deleting its row); False if gone already."""
         with self.lock:
-            if self._live_slot(key) != e.slot:
-                return False
+            if self._live_slot(key) != e.slot or self._checksum[e.slot] != e.checksum:
+                return False  # gone already (or the slot holds a newer copy)
             self._forget(key, e.slot)
             self._state[e.slot] = HELD
             return True
+
+    def detach_all(self) -> list[tuple[bytes, Entry]]:
+        """Take every own block out of the map (before deleting their rows)."""
+        with self.lock:
+            out = []
+            for g in np.flatnonzero(np.frombuffer(self._state, np.uint8) == LIVE).tolist():
+                key = self._keys.key(g)
+                out.append((key, self._entry(g)))
+                self._forget(key, g)
+                self._state[g] = HELD
+            return out
 
     def dropped(self, e: Entry) -> None:
         """Its row is deleted: the slot is free once the last reader lets go."""

@@ -293,9 +293,16 @@ class SSDTier(SSDWorkers):
             self._drop(key, e)
 
     def delete_all(self) -> None:
-        """Drop every block of this fingerprint (a cache reset)."""
-        for key in self._index.live_keys():
-            self.delete(key)
+        """Drop every block of this fingerprint (a cache reset), in one transaction."""
+        self._startup_entries = None
+        victims = self._index.detach_all()
+        try:
+            self._manifest.delete([key for key, _ in victims])
+        except sqlite3.Error as err:
+            self._fault("manifest", err)
+            return  # the rows may survive: their slots stay held for this run
+        for _, e in victims:
+            self._index.dropped(e)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes in flight; False if some are still in flight after ``timeout``."""

@@ -134,7 +134,9 @@ class SSDWorkers:
         finally:
             self._report_drops([key for key, _ in victims])  # out of the map either way
         self._index.count("evictions", len(victims))
-        return slots + [e.slot for _, e in victims]
+        slots += [e.slot for _, e in victims]
+        self._index.give_back(slots[n:])  # the batch beyond this write's needs: free for the next
+        return slots[:n]
 
     def _write_batch(self, ops: list[_Op]) -> None:
         """Bytes first; the rows follow through the manifest's group commit."""
@@ -208,9 +210,9 @@ class SSDWorkers:
             if self._index.first(f"corrupt_{problem}"):
                 log.warning("kvplug SSD tier: %s block %s in %s dropped (later ones are counted, not logged)",
                             problem, op.key.hex(), self.path)
+        self._drop(op.key, op.entry)  # while still pinned: the slot cannot be reused under it
         self._index.unpin(op.entry)
         self._index.count("read_misses")
-        self._drop(op.key, op.entry)
         self._report_drops([op.key])
         op.fut.set_result(False)
 

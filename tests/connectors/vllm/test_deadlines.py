@@ -92,3 +92,23 @@ def test_after_a_timeout_the_next_ssd_hit_recomputes_at_once(tmp_path, monkeypat
         assert landed.wait(5)
     finally:
         e.close()
+
+
+def test_a_disk_judged_slow_is_probed_in_the_background_and_seen_to_recover(tmp_path, monkeypatch):
+    import kvplug.policy
+
+    ssd = stored_on_ssd(tmp_path)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB")
+    try:
+        e.sched.policy.observe_prefill(4700, 1.0)
+        e.sched.policy.observe_timeout("ssd", 10**6, 10.0)  # judged slow: 100 kB/s
+        monkeypatch.setattr(kvplug.policy, "PROBE_S", 0.0)
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)  # recomputes at once, no wait...
+        deadline = time.monotonic() + 10
+        while e.sched.policy.load_seconds({"ssd": 10**6}) >= 10 and time.monotonic() < deadline:
+            time.sleep(0.02)  # ...while one block is read in the background
+        assert e.sched.policy.load_seconds({"ssd": 10**6}) < 9.9  # the probe's real speed averaged in
+        assert e.sched.store.stats()["cpu"]["pinned_blocks"] == 0
+    finally:
+        e.close()
