@@ -59,9 +59,11 @@ class RemoteLookups:
     def _start(self, st: RequestState, hit: Hit, num_computed_tokens: int, cap: int) -> bool:
         if st.remote_tried or not self.store.remote.available():
             return False
-        first, last = max(hit.num_tokens, num_computed_tokens) // self.T, cap // self.T
+        # Every full block of the request's tokens: the one holding the last prompt token too (its
+        # key needs all its tokens; the lookup then takes the hit up to, not including, that token).
+        first, last = max(hit.num_tokens, num_computed_tokens) // self.T, (cap + 1) // self.T
         tokens = (last - first) * self.T
-        if tokens <= 0 or tokens + first * self.T - num_computed_tokens < self.config.min_hit_tokens:
+        if tokens <= 0 or min(last * self.T, cap) - num_computed_tokens < self.config.min_hit_tokens:
             return False
         st.remote_tried = True
         if not self.policy.should_load(tokens, {"remote": (last - first) * self.block_bytes}):
