@@ -89,9 +89,11 @@ class RemoteTransfers:
                 self._queue_remote_write(key, jobs)
 
     def _queue_remote_write(self, key: bytes, jobs: list) -> None:
+        parent, tokens = self._index.entry(key)
+        if len(tokens) < self.block_tokens:
+            return  # full blocks only: a partial tail is found through a local index, which the server lacks
         block = self._resident[key]
         block.pin()  # the slot's bytes are read by the writer thread
-        parent, tokens = self._index.entry(key)
         jobs.append(partial(self._remote_put, key, parent, tokens, block.slot))
 
     def _remote_put(self, key: bytes, parent: bytes, tokens, slot: int) -> None:

@@ -27,11 +27,11 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def password(monkeypatch):
-    monkeypatch.setenv("KVPLUG_TEST_REMOTE_PW", PASSWORD)
+    monkeypatch.setenv("TEST_REMOTE_PW", PASSWORD)
 
 
 def remote(url: str, namespace: str, **more) -> dict:
-    return {"remote_url": url, "remote_username": USER, "remote_password": "env:KVPLUG_TEST_REMOTE_PW",
+    return {"remote_url": url, "remote_username": USER, "remote_password": "env:TEST_REMOTE_PW",
             "remote_namespace": namespace, "remote_retry_s": 0.2, **more}
 
 
