@@ -144,3 +144,30 @@ def _blocks(e: Engine, rid: str):
     from types import SimpleNamespace
 
     return SimpleNamespace(get_block_ids=lambda: (e.blocks[rid],))
+
+
+def test_int4h_blocks_travel_encoded_and_load_as_a_local_hit_would(tmp_path, server, password):
+    from kvplug.tiers import remote_record
+
+    a_engine = Engine(tmp_path, "a", codec="int4h", **remote(server.url, "int4h"))
+    b_engine = Engine(tmp_path, "b", codec="int4h", **remote(server.url, "int4h"))
+    try:
+        serve_and_store(a_engine, "a", PROMPT)
+        assert a_engine.sched.store.remote.flush(5)
+        geo = a_engine.geo
+        key = a_engine.sched._reqs["a"].key(0)
+        record = server.client().get(a_engine.sched.store.remote.name(key))
+        assert len(record) == remote_record.HEADER.size + 8 * T + geo.block_bytes + remote_record.SUM_BYTES
+        assert geo.block_bytes < geo.layout.raw_block_bytes()  # encoded (2x here at head_size 8; 3.76x at 128)
+        local = a_engine.request("a2", PROMPT)  # a CPU-tier hit in A: decoded from the same bytes
+        assert ask_until_answered(a_engine, local)[0] == len(PROMPT) - 1
+        a_engine.step({local: 1})
+        b = b_engine.request("b", PROMPT)
+        assert ask_until_answered(b_engine, b)[0] == len(PROMPT) - 1
+        b_engine.step({b: 1})
+        for pos in range(len(PROMPT) - 1):
+            for name in NAMES:
+                assert torch.equal(b_engine.kv_of(b, pos, name), a_engine.kv_of(local, pos, name))
+    finally:
+        a_engine.close()
+        b_engine.close()
