@@ -89,6 +89,7 @@ class RemoteTier:
         self._counts: Counter = Counter()
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_blocks)
         self._reader = cf.ThreadPoolExecutor(2, thread_name_prefix="kvplug-remote-read")
+        self._buffers = [bytearray() for _ in range(WRITE_BATCH)]  # the writer's records, reused
         self._writer = threading.Thread(target=self._write_loop, name="kvplug-remote-write", daemon=True)
         self._writer.start()
         self._closed = False
@@ -188,9 +189,9 @@ class RemoteTier:
         try:
             pipe = client.pipeline(transaction=False)
             nbytes = 0
-            for w in batch:
-                record = remote_record.encode(self.fingerprint, w.key, w.parent, w.tokens, self.codec, w.payload,
-                                              self._secret)
+            for w, buf in zip(batch, self._buffers):
+                record = remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
+                                                   w.payload, self._secret)
                 nbytes += len(record)
                 pipe.set(self.name(w.key), record)
             results = pipe.execute(raise_on_error=False)

@@ -47,15 +47,29 @@ def _checksum(parts, secret: bytes | None) -> bytes:
     return h.digest()
 
 
+def encode_into(buf: bytearray, fingerprint: bytes, key: bytes, parent: bytes, tokens: np.ndarray, codec: str,
+                payload, secret: bytes | None = None) -> memoryview:
+    """One record, built in ``buf`` (grown if short; reused by the writer: no fresh pages per
+    block); ``payload`` is any buffer (a CPU slot's view), copied once, here."""
+    payload = np.frombuffer(memoryview(payload).cast("B"), dtype=np.uint8)
+    toks = np.ascontiguousarray(tokens, dtype="<i8")
+    toks_end = HEADER.size + 8 * len(toks)
+    body_end = toks_end + payload.size
+    if len(buf) < body_end + SUM_BYTES:
+        buf.extend(bytes(body_end + SUM_BYTES - len(buf)))
+    view = memoryview(buf)[:body_end + SUM_BYTES]
+    HEADER.pack_into(view, 0, MAGIC, VERSION, CODECS[codec], 1 if secret else 0, len(toks), payload.size,
+                     fingerprint, key, parent)
+    view[HEADER.size:toks_end] = toks.tobytes()
+    np.frombuffer(view, dtype=np.uint8, count=payload.size, offset=toks_end)[:] = payload
+    view[body_end:] = _checksum((view[:body_end],), secret)
+    return view
+
+
 def encode(fingerprint: bytes, key: bytes, parent: bytes, tokens: np.ndarray, codec: str, payload,
            secret: bytes | None = None) -> bytes:
-    """One record; ``payload`` is any buffer (a CPU slot's view: copied once, here)."""
-    payload = memoryview(payload).cast("B")
-    toks = np.ascontiguousarray(tokens, dtype="<i8")
-    head = HEADER.pack(MAGIC, VERSION, CODECS[codec], 1 if secret else 0, len(toks), payload.nbytes,
-                       fingerprint, key, parent)
-    body = (head, toks.tobytes(), payload)
-    return b"".join((*body, _checksum(body, secret)))
+    """One record as bytes."""
+    return bytes(encode_into(bytearray(), fingerprint, key, parent, tokens, codec, payload, secret))
 
 
 def decode(record: bytes, *, fingerprint: bytes, key: bytes, parent: bytes, tokens: np.ndarray, codec: str,
