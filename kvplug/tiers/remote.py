@@ -7,8 +7,8 @@ record that fails any check (another model's, truncated, overwritten with
 garbage), counted by reason.
 
 Nothing here blocks its caller on the network: ``fetch`` runs one pipelined
-round trip (one GET per block, split per node by the cluster client) on a
-reader thread and returns a future; ``put`` queues a write for the writer
+round trip (one GET per block; on a cluster one pipeline per node that owns
+some: remote_pipeline.py, a dead node costs only its keys) on a reader thread and returns a future; ``put`` queues a write for the writer
 thread, which sends batches in pipelines, and drops it (counted) when the
 bounded queue is full or the server is down.
 
@@ -44,6 +44,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from kvplug.tiers import remote_record
+from kvplug.tiers.remote_pipeline import NodePipelines
 from kvplug.tiers.remote_url import RemoteURL
 
 log = logging.getLogger("kvplug")
@@ -89,6 +90,7 @@ class RemoteTier:
         self._counts: Counter = Counter()
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_blocks)
         self._reader = cf.ThreadPoolExecutor(2, thread_name_prefix="kvplug-remote-read")
+        self._nodes = NodePipelines(self.cluster, retry_s)
         self._buffers = [bytearray() for _ in range(WRITE_BATCH)]  # the writer's records, reused
         self._writer = threading.Thread(target=self._write_loop, name="kvplug-remote-write", daemon=True)
         self._writer.start()
@@ -114,17 +116,15 @@ class RemoteTier:
         if client is None:
             self._count(fetches_skipped_down=1, miss_blocks=len(wanted))
             return out
+        names = [self.name(w.key) for w in wanted]
         try:
-            pipe = client.pipeline(transaction=False)
-            for w in wanted:
-                pipe.get(self.name(w.key))
-            records = pipe.execute(raise_on_error=False)
-        except Exception as e:  # refused, timed out, cluster down: a miss, and the link is down
+            records, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.get(names[i]))
+        except Exception as e:  # refused, timed out, every node down: a miss, and the link is down
             self._failed("fetch", e)
             self._count(fetch_errors=1, miss_blocks=len(wanted))
             return out
         self._up()
-        counts: Counter = Counter(fetches=1)
+        counts: Counter = Counter(fetches=1, node_errors=nodes_failed)
         for i, (w, record) in enumerate(zip(wanted, records)):
             if record is None or isinstance(record, Exception):  # evicted, never stored, or its node failed
                 counts["miss_blocks"] += 1
@@ -186,22 +186,20 @@ class RemoteTier:
         if client is None:
             self._count(writes_dropped=len(batch))
             return [False] * len(batch)
+        records = [remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
+                                             w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
+        names = [self.name(w.key) for w in batch]
+        nbytes = sum(len(r) for r in records)
         try:
-            pipe = client.pipeline(transaction=False)
-            nbytes = 0
-            for w, buf in zip(batch, self._buffers):
-                record = remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
-                                                   w.payload, self._secret)
-                nbytes += len(record)
-                pipe.set(self.name(w.key), record)
-            results = pipe.execute(raise_on_error=False)
+            results, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
         except Exception as e:
             self._failed("write", e)
             self._count(writes_failed=len(batch))
             return [False] * len(batch)
         self._up()
         ok = [not isinstance(r, Exception) for r in results]
-        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes)
+        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes,
+                    node_errors=nodes_failed)
         return ok
 
     # -- the link -----------------------------------------------------------------------
@@ -258,7 +256,7 @@ class RemoteTier:
             was, self.link = self.link, Link.DOWN
             self._retry_at = time.monotonic() + self._retry_s
             if self.cluster:
-                self._client = None  # a new slot map at the next probe (a node may have gone for good)
+                self._client = None  # every node failed: a new client and slot map at the next probe
         if was is Link.UP or not self._counts["link_errors"]:
             log.warning("kvplug remote: %s to %s failed (%s); the remote tier misses until it answers "
                         "again (next try in %.0f s)", what, self.url, type(error).__name__, self._retry_s)
@@ -276,7 +274,7 @@ class RemoteTier:
             link = self.link
         keys = ("fetches", "fetches_skipped_down", "fetch_errors", "hit_blocks", "miss_blocks", "bad_records",
                 "writes_queued", "writes_done", "writes_failed", "writes_dropped", "bytes_read", "bytes_written",
-                "connects", "link_errors")
+                "connects", "link_errors", "node_errors")
         out = {k: counts.get(k, 0) for k in keys}
         out |= {f"bad_{r}": counts.get(f"bad_{r}", 0) for r in remote_record.REASONS}
         out["degraded"] = int(link is Link.DOWN)

@@ -246,6 +246,8 @@ def test_cluster_node_killed_mid_run_gives_misses_not_errors_or_stalls(tmp_path)
             assert time.monotonic() - t0 < 5.0
             assert all(p is None or p == blocks[i][1] for i, p in enumerate(out))
         assert any(p is None for p in out)
+        assert any(p is not None for p in out)  # the live nodes' blocks still hit
+        assert t.link is Link.UP and t.stats()["node_errors"] >= 1 and t.stats()["bad_records"] == 0
         # writes to a cluster with a dead node never raise either; their done() is called
         t.put(blocks[0][0].key, FP, blocks[0][0].tokens, blocks[0][1], lambda ok: None)
         assert t.flush(10)
