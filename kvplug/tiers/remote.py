@@ -252,11 +252,14 @@ class RemoteTier:
             log.info("kvplug remote: connected to %s", self.url)
 
     def _failed(self, what: str, error: BaseException) -> None:
+        stale = None
         with self._lock:
             was, self.link = self.link, Link.DOWN
             self._retry_at = time.monotonic() + self._retry_s
             if self.cluster:
-                self._client = None  # every node failed: a new client and slot map at the next probe
+                stale, self._client = self._client, None  # every node failed: a new slot map at the next probe
+        if stale is not None:
+            _close_quietly(stale)
         if was is Link.UP or not self._counts["link_errors"]:
             log.warning("kvplug remote: %s to %s failed (%s); the remote tier misses until it answers "
                         "again (next try in %.0f s)", what, self.url, type(error).__name__, self._retry_s)
@@ -298,9 +301,12 @@ class RemoteTier:
             log.warning("kvplug remote: writes still queued at close; left behind")
         self._writer.join(max(0.0, deadline - time.monotonic()))
         self._reader.shutdown(wait=True, cancel_futures=True)  # a fetch in flight ends within timeout_s
-        client = self._client
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
+        if self._client is not None:
+            _close_quietly(self._client)
+
+
+def _close_quietly(client) -> None:
+    try:
+        client.close()
+    except Exception:
+        pass
