@@ -186,13 +186,13 @@ class RemoteTier:
         if client is None:
             self._count(writes_dropped=len(batch))
             return [False] * len(batch)
-        records = [remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
-                                             w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
-        names = [self.name(w.key) for w in batch]
-        nbytes = sum(len(r) for r in records)
         try:
+            records = [remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
+                                                 w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
+            names = [self.name(w.key) for w in batch]
+            nbytes = sum(len(r) for r in records)
             results, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
-        except Exception as e:
+        except Exception as e:  # the server failed (or a record could not be built): never the thread
             self._failed("write", e)
             self._count(writes_failed=len(batch))
             return [False] * len(batch)

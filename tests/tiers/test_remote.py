@@ -254,3 +254,16 @@ def test_cluster_node_killed_mid_run_gives_misses_not_errors_or_stalls(tmp_path)
     finally:
         t.close()
         stop_all(servers)
+
+
+def test_a_write_that_cannot_be_built_completes_and_the_writer_lives_on(server):
+    t = tier(server.url, namespace="odd", retry_s=0.05)
+    try:
+        (w, _), = chain(1, seed=11)
+        done = []
+        assert t.put(w.key, w.parent, w.tokens, object(), done.append)  # not a buffer
+        assert t.flush(5) and done == [False]
+        time.sleep(0.1)
+        put_all(t, chain(3, seed=12))  # the writer thread is still there
+    finally:
+        t.close()
