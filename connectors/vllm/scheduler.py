@@ -31,8 +31,8 @@ from .geometry import Geometry
 from .identity import Unkeyable, request_identity, request_root
 from .jobs import Job, JobTable
 from .kv_events import KVEventLog
-from .remote_lookup import RemoteLookups
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
+from .remote_lookup import RemoteLookups
 from .request_state import LoadPhase, RequestState
 from .stats import KVPlugStats
 
