@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from kvplug.tiers import remote_url
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -142,6 +144,24 @@ class KVPlugConfig:
     # "env:NAME" (an environment variable) or "file:/path" (a file). Blocks then carry
     # a keyed MAC and one that fails it is a miss (kvplug/tiers/ssd.py).
     integrity_key: str | None = None
+    # Remote tier: a Valkey / Redis server or cluster shared by every engine of a deployment
+    # (kvplug/tiers/remote.py); None disables it. Accepted forms: kvplug/tiers/remote_url.py.
+    remote_url: str | None = None
+    # "auto": a cluster when the URL names several seed nodes; "on" / "off" to say so for one seed.
+    remote_cluster: str = "auto"
+    # ACL user (not secret) and where its password is: "env:NAME" or "file:/path" (never logged).
+    remote_username: str | None = None
+    remote_password: str | None = None
+    # Prefix of every key kvplug writes: one per deployment sharing a server.
+    remote_namespace: str = "kvplug"
+    # Socket timeout of each round trip, and how long an unreachable server is left alone.
+    remote_timeout_s: float = 0.5
+    remote_retry_s: float = 5.0
+    # "through": every block stored in the CPU tier is queued for the server; "back": only blocks
+    # evicted from the CPU tier; "off": read only.
+    remote_write: str = "through"
+    # Bounded write queue to the server; a full queue drops the write (counted).
+    remote_queue_blocks: int = 256
 
     _CHOICES = {
         "codec": ("raw", "int4h"),
@@ -150,6 +170,8 @@ class KVPlugConfig:
         "ssd_write": ("through", "back"),
         "load_policy": ("always", "auto"),
         "load_failure_policy": ("recompute", "fail"),
+        "remote_cluster": ("auto", "on", "off"),
+        "remote_write": ("through", "back", "off"),
     }
     _SIZES = ("cpu_bytes", "ssd_bytes")
 
@@ -178,13 +200,37 @@ class KVPlugConfig:
                                        "a number of seconds in [0, 3600]"))
         if self.integrity_key is not None and not _INTEGRITY_REF.match(self.integrity_key):
             raise ConfigError(_INTEGRITY_HIDDEN)  # the value may be the secret itself: never echoed
+        self._check_remote()
         # Upper bounds too: a value that passes here must not fail later (a million I/O threads).
         for key, low, high in (("io_threads", 1, 256), ("write_queue_blocks", 1, 1 << 24),
-                               ("min_hit_tokens", 1, 1 << 24)):
+                               ("min_hit_tokens", 1, 1 << 24), ("remote_queue_blocks", 1, 1 << 20)):
             if not low <= getattr(self, key) <= high:
                 raise ConfigError(_message(key, getattr(self, key), f"an integer in [{low}, {high}]"))
         if self.int4h_group > 4096:
             raise ConfigError(_message("int4h_group", self.int4h_group, "0 (whole head) or a power of two <= 4096"))
+
+    def _check_remote(self) -> None:
+        if self.remote_url is not None:
+            try:
+                url = remote_url.parse(self.remote_url)
+            except ValueError as e:
+                shown = "<not shown>" if "@" in self.remote_url else repr(self.remote_url)  # may hold a password
+                raise ConfigError(f"kvplug config: remote_url={shown} is not accepted ({e}); "
+                                  f"expected {remote_url.ACCEPTED}") from None
+            if self.remote_cluster == "off" and len(url.nodes) > 1:
+                raise ConfigError(_message("remote_cluster", self.remote_cluster,
+                                           f"'auto' or 'on': remote_url names {len(url.nodes)} seed nodes"))
+        if self.remote_password is not None and not _INTEGRITY_REF.match(self.remote_password):
+            raise ConfigError(_INTEGRITY_HIDDEN.replace("integrity_key", "remote_password"))
+        if self.remote_username is not None and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,128}", self.remote_username):
+            raise ConfigError(_message("remote_username", self.remote_username,
+                                       "1-128 letters, digits or _ . @ -"))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.remote_namespace):
+            raise ConfigError(_message("remote_namespace", self.remote_namespace,
+                                       "1-64 letters, digits or _ . - (one per deployment)"))
+        for key, high in (("remote_timeout_s", 60), ("remote_retry_s", 3600)):
+            if not 0 < getattr(self, key) <= high:
+                raise ConfigError(_message(key, getattr(self, key), f"a number of seconds in (0, {high}]"))
 
     # -- builders -----------------------------------------------------------
 
@@ -223,29 +269,37 @@ class KVPlugConfig:
     def integrity_secret(self, environ: Mapping[str, str] | None = None) -> bytes | None:
         """The secret ``integrity_key`` points at, read now (None when unset). Errors name the
         reference, never the secret."""
-        ref = self.integrity_key
-        if ref is None:
-            return None
-        kind, _, where = ref.partition(":")
-        if kind == "env":
-            value = (os.environ if environ is None else environ).get(where, "")
-            if not value:
-                raise ConfigError(f"kvplug config: integrity_key={ref!r} names the environment variable {where}, "
-                                  f"which is not set or empty; expected it to hold the secret")
-            secret = value.encode()
-        else:
-            path = os.path.expanduser(where)
-            try:
-                with open(path, "rb") as f:
-                    secret = f.read(_SECRET_MAX + 1).rstrip(b"\r\n")
-            except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-                why = getattr(e, "strerror", None) or "not a path"
-                raise ConfigError(f"kvplug config: integrity_key={ref!r}: cannot read {path!r} ({why}); "
-                                  f"expected a readable file that holds the secret") from None
-        if not _SECRET_MIN <= len(secret) <= _SECRET_MAX:
-            raise ConfigError(f"kvplug config: integrity_key={ref!r}: the secret there is not accepted; expected "
-                              f"{_SECRET_MIN} to {_SECRET_MAX} bytes (e.g. head -c 32 /dev/urandom | base64)")
-        return secret
+        return _read_secret("integrity_key", self.integrity_key, environ, _SECRET_MIN)
+
+    def remote_secret(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The password ``remote_password`` points at, read now (None when unset)."""
+        secret = _read_secret("remote_password", self.remote_password, environ, 1)
+        return None if secret is None else secret.decode("utf-8", "replace")
+
+
+def _read_secret(name: str, ref: str | None, environ: Mapping[str, str] | None, low: int) -> bytes | None:
+    if ref is None:
+        return None
+    kind, _, where = ref.partition(":")
+    if kind == "env":
+        value = (os.environ if environ is None else environ).get(where, "")
+        if not value:
+            raise ConfigError(f"kvplug config: {name}={ref!r} names the environment variable {where}, "
+                              f"which is not set or empty; expected it to hold the secret")
+        secret = value.encode()
+    else:
+        path = os.path.expanduser(where)
+        try:
+            with open(path, "rb") as f:
+                secret = f.read(_SECRET_MAX + 1).rstrip(b"\r\n")
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+            why = getattr(e, "strerror", None) or "not a path"
+            raise ConfigError(f"kvplug config: {name}={ref!r}: cannot read {path!r} ({why}); "
+                              f"expected a readable file that holds the secret") from None
+    if not low <= len(secret) <= _SECRET_MAX:
+        raise ConfigError(f"kvplug config: {name}={ref!r}: the secret there is not accepted; expected "
+                          f"{low} to {_SECRET_MAX} bytes (e.g. head -c 32 /dev/urandom | base64)")
+    return secret
 
 
 _INTEGRITY_REF = re.compile(r"(env:[A-Za-z_][A-Za-z0-9_]*|file:(/|~).*)\Z", re.S)

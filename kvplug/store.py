@@ -51,6 +51,7 @@ from kvplug.index import PrefixIndex
 from kvplug.keys import tokens_array
 from kvplug.layout import KVLayout
 from kvplug.store_counters import StoreCounters
+from kvplug.store_remote import RemoteTransfers
 from kvplug.store_ssd import SSDTransfers
 from kvplug.tiers.base import BackingTier
 from kvplug.tiers import slot_header
@@ -60,7 +61,7 @@ from kvplug.tiers.ssd import CLOSE_TIMEOUT_S, SSDTier
 log = logging.getLogger("kvplug")
 
 
-class TieredStore(SSDTransfers):
+class TieredStore(SSDTransfers, RemoteTransfers):
     def __init__(self, config: KVPlugConfig, layout: KVLayout, block_bytes: int, fingerprint: bytes,
                  name: str | None = None, *, ssd: BackingTier | None = None, events: bool = False):
         """``name``: the shared-memory slab's name (a unique one is made if None);
@@ -102,6 +103,7 @@ class TieredStore(SSDTransfers):
         self.epoch = epoch.load(config.ssd_path if ssd is not None else None, self._epoch_key)
         if self.epoch is None:  # unreadable, or failed its MAC: a new epoch, written (signed) at once
             self.epoch = epoch.advance(config.ssd_path, self._epoch_key)
+        self._init_remote(config, fingerprint, block_bytes)  # store_remote.py: the shared Valkey/Redis tier
         if ssd is not None:
             index_bulk.load(self._index, list(ssd.entries()))
 
@@ -177,6 +179,7 @@ class TieredStore(SSDTransfers):
                 self._stats["stored_blocks"] += 1
                 if self.ssd is not None and self.config.ssd_write == "through":
                     self._queue_write(key, jobs)
+                self._remote_stored(key, jobs)
         self._run(jobs)
 
     def abort_store(self, keys: Sequence[bytes]) -> None:
@@ -288,6 +291,7 @@ class TieredStore(SSDTransfers):
         block = self._resident[key]
         if self.ssd is not None and not self.ssd.contains(key) and not block.writing:
             self._queue_write(key, jobs)  # pins the slot until written
+        self._remote_evicted(key, jobs)
         self._leave_cpu(key, block)
         if block.pins == 0:
             self._release(key)
@@ -344,6 +348,7 @@ class TieredStore(SSDTransfers):
                     self._leave_cpu(key, block)
                     if block.pins == 0:
                         self._release(key)
+            self._remote_origin.clear()
             self._index = PrefixIndex(self.root, self.block_tokens)
             self._stats["resets"] += 1
         if self.ssd is not None:
@@ -360,9 +365,10 @@ class TieredStore(SSDTransfers):
             cpu_blocks = sum(b.visible for b in self._resident.values())
             pinned = sum(b.pins > 0 for b in self._resident.values())
             writing = self._writes
-        return StoreCounters.report(counts, self.cpu.stats(), None if self.ssd is None else self.ssd.stats(),
-                                    cpu_blocks=cpu_blocks, block_bytes=self.block_bytes, pinned=pinned,
-                                    writing=writing)
+        out = StoreCounters.report(counts, self.cpu.stats(), None if self.ssd is None else self.ssd.stats(),
+                                   cpu_blocks=cpu_blocks, block_bytes=self.block_bytes, pinned=pinned,
+                                   writing=writing)
+        return out if self.remote is None else out | {"remote": self.remote_stats()}
 
     def take_events(self) -> list[tuple[bool, bytes]]:
         """(True, key) for each block that became readable in the CPU tier since the
@@ -381,6 +387,7 @@ class TieredStore(SSDTransfers):
         self._closed = True
         if not self.flush(CLOSE_TIMEOUT_S):
             log.warning("kvplug store: SSD writes still in flight at close; left behind")
+        self._close_remote(CLOSE_TIMEOUT_S)
         with self._idle:
             self._idle.wait_for(lambda: not self._reads, CLOSE_TIMEOUT_S)
         if self.ssd is not None:

@@ -64,6 +64,8 @@ class RequestState:
     sources: dict = field(default_factory=dict)  # CacheHitSource -> tokens of the planned hit
     looked_up: bool = False      # counted in the lookup stats
     gave_up: bool = False        # a promotion outlived its deadline: this request recomputes
+    remote: object | None = None  # a remote fetch in flight (kvplug.store_remote.RemoteFetch)
+    remote_tried: bool = False   # the remote tier was asked once: never again for this request
     tainted: bool = False        # its KV may stand on a failed load, or it gained unkeyable inputs: no saves
     saves: set[int] = field(default_factory=set)
     finished: bool = False       # vLLM finished it; kept while jobs are in flight

@@ -32,6 +32,7 @@ from .identity import Unkeyable, request_identity, request_root
 from .jobs import Job, JobTable
 from .kv_events import KVEventLog
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
+from .remote_lookup import RemoteLookups
 from .request_state import LoadPhase, RequestState
 from .stats import KVPlugStats
 
@@ -48,6 +49,8 @@ class SchedulerHalf:
         self._events = KVEventLog(self.T) if kv_events else None
         self.stats = KVPlugStats()
         self.policy = LoadPolicy(config.load_policy)
+        self.remote = None if self.store.remote is None else \
+            RemoteLookups(self.store, self.policy, self.stats, config, self.T, geo.block_bytes)
         # (start, tokens) of each step in flight, oldest first (async scheduling builds step N+1
         # before step N's output arrives): prefill speed from the prefill-sized ones
         self._steps: deque[tuple[float, int]] = deque()
@@ -68,8 +71,8 @@ class SchedulerHalf:
             return 0, False  # unkeyable, from before a reset, its last load in flight, or it gave up: recompute
         if st.phase is LoadPhase.PLANNED or (st.phase is LoadPhase.PINNED and st.lookup_from != num_computed_tokens):
             self._drop(st)  # preempted before its plan went out, or vLLM's own prefix cache moved on
-        if st.phase is LoadPhase.NONE and not self._pin_hit(st, request, num_computed_tokens):
-            return 0, False
+        if st.phase is LoadPhase.NONE and not (pinned := self._pin_hit(st, request, num_computed_tokens)):
+            return (None if pinned is None else 0), False  # None: a remote fetch is in flight
         if not st.handle.done():
             waited = time.monotonic() - st.asked
             deadline = self.policy.promotion_deadline(
@@ -101,11 +104,16 @@ class SchedulerHalf:
             return 0, False
         return num, False
 
-    def _pin_hit(self, st: RequestState, request, num_computed_tokens: int) -> bool:
+    def _pin_hit(self, st: RequestState, request, num_computed_tokens: int) -> bool | None:
+        """True: a hit is pinned; False: nothing to load; None: wait for the remote tier."""
         cap = request.num_tokens - 1  # the last prompt token is always computed
         if num_computed_tokens % self.T or cap - num_computed_tokens < self.config.min_hit_tokens:
             return False
         hit = self.store.lookup(st.tokens(0, cap), st.root)
+        if self.remote is not None and (fetched := self.remote.wait(st, hit, num_computed_tokens, cap)) is not False:
+            if fetched is None:
+                return None
+            hit = self.store.lookup(st.tokens(0, cap), st.root)  # fetched blocks landed in the CPU tier
         if not st.looked_up:
             st.looked_up = True
             self.stats.add("lookups")

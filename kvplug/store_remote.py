@@ -1,0 +1,162 @@
+"""The store's remote tier: CPU blocks written to a shared server, fetched blocks promoted into CPU slots.
+
+A mixin of ``TieredStore`` (kvplug/store.py), apart because it is one concern.
+
+Writes: with ``remote_write=through`` every block that becomes visible in the
+CPU tier is queued for the server; with ``back`` only blocks leaving it. The
+block's slot stays pinned until the writer thread has sent it (its bytes go
+as stored: int4h blocks encoded). A full queue or a server that is down drops
+the write (counted) and unpins at once: never block the caller. Blocks that
+came from the server are not written back.
+
+Reads: ``fetch_remote`` asks the server for a run of blocks in one pipelined
+round trip on a reader thread and returns a ``RemoteFetch`` at once. When
+the reply is in, the leading blocks that came back verified are stored into
+CPU slots like any other block (two-phase: invisible until written), so the
+caller's next lookup finds them as CPU hits. Nothing here runs a network
+round trip on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import partial
+from typing import Sequence
+
+from kvplug.blocks import StoreEntry
+from kvplug.tiers import remote_url
+
+log = logging.getLogger("kvplug")
+
+
+class RemoteFetch:
+    """A fetch in flight: ``done()`` once its blocks have landed in the CPU tier (or not)."""
+
+    def __init__(self, blocks: int, block_bytes: int):
+        self.blocks, self.block_bytes = blocks, block_bytes
+        self.asked = time.monotonic()
+        self.done_at = 0.0
+        self.found = 0     # leading blocks the server returned, verified
+        self.landed = 0    # of those, stored into CPU slots by this fetch
+        self._done = threading.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def _finish(self, found: int, landed: int) -> None:
+        self.found, self.landed, self.done_at = found, landed, time.monotonic()
+        self._done.set()
+
+
+class RemoteTransfers:
+    remote = None
+
+    def _init_remote(self, config, fingerprint: bytes, block_bytes: int) -> None:
+        self._remote_origin: set[bytes] = set()  # resident blocks fetched from the server: never written back
+        if not config.remote_url:
+            return
+        from kvplug.tiers.remote import RemoteTier  # imports redis: only with a remote tier configured
+
+        self.remote = RemoteTier(
+            remote_url.parse(config.remote_url), fingerprint=fingerprint, block_bytes=block_bytes,
+            codec=config.codec, namespace=config.remote_namespace,
+            cluster={"auto": None, "on": True, "off": False}[config.remote_cluster],
+            username=config.remote_username, password=config.remote_secret(), timeout_s=config.remote_timeout_s,
+            retry_s=config.remote_retry_s, queue_blocks=config.remote_queue_blocks,
+            secret=config.integrity_secret())
+
+    # -- writes (hooks called under the store's lock) ----------------------------------------
+
+    def _remote_stored(self, key: bytes, jobs: list) -> None:
+        """A block became visible in the CPU tier."""
+        if self.remote is not None and self.config.remote_write == "through":
+            if key in self._remote_origin:
+                self._remote_origin.discard(key)
+            else:
+                self._queue_remote_write(key, jobs)
+
+    def _remote_evicted(self, key: bytes, jobs: list) -> None:
+        """A visible block leaves the CPU tier."""
+        if self.remote is not None:
+            fetched = key in self._remote_origin
+            self._remote_origin.discard(key)
+            if self.config.remote_write == "back" and not fetched:
+                self._queue_remote_write(key, jobs)
+
+    def _queue_remote_write(self, key: bytes, jobs: list) -> None:
+        parent, tokens = self._index.entry(key)
+        if len(tokens) < self.block_tokens:
+            return  # full blocks only: a partial tail is found through a local index, which the server lacks
+        block = self._resident[key]
+        block.pin()  # the slot's bytes are read by the writer thread
+        jobs.append(partial(self._remote_put, key, parent, tokens, block.slot))
+
+    def _remote_put(self, key: bytes, parent: bytes, tokens, slot: int) -> None:
+        payload = self.cpu.block_view(slot).numpy()
+        if not self.remote.put(key, parent, tokens, payload, partial(self._remote_written, key)):
+            self._remote_written(key, False)  # dropped: queue full or server down
+
+    def _remote_written(self, key: bytes, ok: bool) -> None:
+        with self._lock:
+            self._unpin(key)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def fetch_remote(self, entries: Sequence[StoreEntry]) -> RemoteFetch:
+        """Fetch these consecutive blocks (a chain: each one's parent the key before it) in the
+        background; the leading ones the server has, verified, land in the CPU tier."""
+        from kvplug.tiers.remote import Wanted
+
+        entries = list(entries)
+        fetch = RemoteFetch(len(entries), self.block_bytes)
+        future = self.remote.fetch([Wanted(e.key, e.parent, e.tokens) for e in entries])
+        future.add_done_callback(partial(self._remote_fetched, entries, fetch))
+        return fetch
+
+    def _remote_fetched(self, entries: list[StoreEntry], fetch: RemoteFetch, future) -> None:
+        try:
+            payloads = [] if future.cancelled() else future.result()
+            found = []
+            for entry, payload in zip(entries, payloads):
+                if payload is None:
+                    break  # a prefix is contiguous: nothing past a missing block is usable
+                found.append((entry, payload))
+            landed = self._land(found) if found and not self._closed else []
+        except Exception:
+            log.exception("kvplug store: a remote fetch could not be stored")
+            found, landed = [], []
+        fetch._finish(len(found), len(landed))
+
+    def _land(self, found: list) -> list[bytes]:
+        """Store fetched blocks into CPU slots (no slot: that block and the rest are not stored)."""
+        slots = self.prepare_store([entry for entry, _ in found])
+        written = []
+        for (entry, payload), slot in zip(found, slots):
+            if slot is not None:
+                self.cpu.write_block(slot, payload)
+                written.append(entry.key)
+        with self._lock:
+            self._remote_origin.update(written)
+            self._stats["remote_promotions"] += len(written)
+        self.complete_store(written)
+        return written
+
+    # -- stats and lifetime ------------------------------------------------------------------
+
+    def remote_stats(self) -> dict | None:
+        if self.remote is None:
+            return None
+        with self._lock:
+            promotions = self._stats["remote_promotions"]
+        return self.remote.stats() | {"promotions": promotions}
+
+    def _close_remote(self, timeout: float) -> None:
+        if self.remote is not None:
+            if not self.remote.flush(timeout):
+                log.warning("kvplug store: remote writes still queued at close; left behind")
+            self.remote.close(timeout)

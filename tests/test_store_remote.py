@@ -1,0 +1,80 @@
+"""The store's remote write policies against a real Valkey server: write-back sends only what
+leaves the CPU tier, fetched blocks are never written back, pins always come back."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvplug.keys import block_key, chain_keys
+from kvplug.tools.valkey_server import PASSWORD, USER, Server, stop_all
+from test_store import LAYOUT, data_for, make
+
+
+def put_chain(store, tokens) -> None:
+    """Store ``tokens`` block by block; a victim written back to the server holds its slot until sent."""
+    parent, bt = store.root, LAYOUT.block_tokens
+    for i in range(0, len(tokens), bt):
+        block = tokens[i:i + bt]
+        key = block_key(parent, block)
+        if not store.put(parent, block, data_for(key)):
+            assert store.remote.flush(5)
+            assert store.put(parent, block, data_for(key))
+        parent = key
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(str(tmp_path_factory.mktemp("valkey-store"))).start()
+    yield s
+    stop_all([s])
+
+
+def remote(server, namespace, monkeypatch, **more) -> dict:
+    monkeypatch.setenv("STORE_REMOTE_PW", PASSWORD)
+    return dict(remote_url=server.url, remote_username=USER, remote_password="env:STORE_REMOTE_PW",
+                remote_namespace=namespace, **more)
+
+
+def on_server(server, store, keys) -> list[bool]:
+    return [bool(server.client().exists(store.remote.name(k))) for k in keys]
+
+
+def test_write_back_sends_only_evicted_full_blocks(tmp_path, server, monkeypatch):
+    store = make(tmp_path, cpu_blocks=4, **remote(server, "back", monkeypatch, remote_write="back"))
+    try:
+        tokens = list(range(40))  # 10 full blocks of 4 through a 4-slot CPU tier
+        put_chain(store, tokens)
+        assert store.remote.flush(5)
+        keys = chain_keys(store.root, tokens, LAYOUT.block_tokens)
+        resident = [k in store._resident and store._resident[k].visible for k in keys]
+        written = on_server(server, store, keys)
+        assert written == [not r for r in resident] and any(written) and any(resident)
+        assert store.stats()["cpu"]["pinned_blocks"] == 0
+    finally:
+        store.close()
+
+
+def test_fetched_blocks_are_not_written_back_when_evicted(tmp_path, server, monkeypatch):
+    writer = make(tmp_path, cpu_blocks=16, **remote(server, "refetch", monkeypatch))
+    reader = make(tmp_path, cpu_blocks=4, **remote(server, "refetch", monkeypatch, remote_write="back"))
+    try:
+        tokens = list(range(100, 116))  # 4 full blocks
+        put_chain(writer, tokens)
+        assert writer.remote.flush(5) and writer.stats()["remote"]["writes_done"] == 4
+        keys = chain_keys(writer.root, tokens, LAYOUT.block_tokens)
+        from kvplug.blocks import StoreEntry
+        entries, parent = [], writer.root
+        for i in range(4):
+            entries.append(StoreEntry.of(parent, tokens[i * 4:(i + 1) * 4]))
+            parent = entries[-1].key
+        fetch = reader.fetch_remote(entries)
+        assert fetch.wait(5) and fetch.found == 4 and fetch.landed == 4
+        n, blocks = reader.get(tokens)
+        assert n == 16 and blocks == [data_for(k).tobytes() for k in keys]
+        put_chain(reader, list(range(500, 532)))  # 8 own blocks: evict the 4 fetched, then 4 of its own
+        assert reader.remote.flush(5)
+        assert reader.stats()["remote"]["writes_queued"] == 4  # its own evicted blocks, none it fetched
+        assert reader.stats()["cpu"]["pinned_blocks"] == 0
+    finally:
+        writer.close()
+        reader.close()
