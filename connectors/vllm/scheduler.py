@@ -34,6 +34,7 @@ from .kv_events import KVEventLog
 from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
 from .remote_lookup import RemoteLookups
 from .request_state import LoadPhase, RequestState
+from .ssd_promotions import SSDPromotions
 from .stats import KVPlugStats
 
 log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and format
@@ -51,11 +52,11 @@ class SchedulerHalf:
         self.policy = LoadPolicy(config.load_policy)
         self.remote = None if self.store.remote is None else \
             RemoteLookups(self.store, self.policy, self.stats, config, self.T, geo.block_bytes)
+        self.promotions = SSDPromotions(self.store, self.policy, self.stats, config, geo.block_bytes)
         # (start, tokens) of each step in flight, oldest first (async scheduling builds step N+1
         # before step N's output arrives): prefill speed from the prefill-sized ones
         self._steps: deque[tuple[float, int]] = deque()
         self._skip_warned: set[str] = set()
-        self._late: list[tuple] = []  # (handle, asked, bytes) of promotions given up on, until they land
         self._reqs: dict[str, RequestState | None] = {}  # None: a request kvplug cannot key
         self._planned: list[RequestState] = []
         self._jobs = JobTable(geo.tp_size)  # each job is done once every tensor-parallel worker reports it
@@ -73,25 +74,11 @@ class SchedulerHalf:
             self._drop(st)  # preempted before its plan went out, or vLLM's own prefix cache moved on
         if st.phase is LoadPhase.NONE and not (pinned := self._pin_hit(st, request, num_computed_tokens)):
             return (None if pinned is None else 0), False  # None: a remote fetch is in flight
-        if not st.handle.done():
-            waited = time.monotonic() - st.asked
-            deadline = self.policy.promotion_deadline(
-                st.handle.num_tokens_asked, {"ssd": st.promoting * self.geo.block_bytes},
-                self.config.promotion_timeout_s, self.config.promotion_min_wait_s)
-            if waited < deadline:
-                return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
-            # Recomputing would have been faster: give up (the read lands in the CPU tier later,
-            # and its real time is measured then); until then the SSD is known to be this slow.
-            self.stats.add("promotion_timeouts")
-            nbytes = st.promoting * self.geo.block_bytes
-            self.policy.observe_timeout("ssd", nbytes, waited)
-            self._late.append((st.handle, st.asked, nbytes))
+        if self.promotions.waiting(st):
+            return None, False  # SSD blocks are being promoted: ask again next step, others run meanwhile
+        if st.gave_up:  # past the deadline: recompute
             self._drop(st)
-            st.gave_up = True
             return 0, False
-        if st.promoting:  # from the lookup until the last read landed (not until this step asked)
-            self.policy.observe_load("ssd", st.promoting * self.geo.block_bytes, st.handle.done_at - st.asked)
-            st.promoting = 0
         if st.handle.failed:
             # Keep only the readable prefix pinned: a failed block must be free to be
             # stored again once this request has recomputed it.
@@ -125,21 +112,13 @@ class SchedulerHalf:
         tiers = Counter(r.tier for r in refs)
         if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()}):
             self.stats.add("policy_skipped_tokens", new)
-            if tiers["ssd"] and self.policy.probe_due("ssd"):  # has the SSD recovered? (no request waits)
-                self.store.probe_ssd(next(r.key for r in refs if r.tier == "ssd"), self._probed)
+            self.promotions.skipped(refs)
             return False
         st.move(LoadPhase.PINNED)
         st.handle = self.store.prepare_load(refs)
-        # The reads it really issued (a block dropped since the lookup ends the hit before it).
-        st.promoting = sum(b.tier == "ssd" for b in st.handle.blocks)
-        st.lookup_from, st.asked = num_computed_tokens, time.monotonic()
-        if st.promoting:
-            self.stats.add("promotions")
+        st.lookup_from = num_computed_tokens
+        self.promotions.started(st)
         return True
-
-    def _probed(self, ok: bool, seconds: float) -> None:
-        if ok:
-            self.policy.observe_load("ssd", self.geo.block_bytes, seconds)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
@@ -177,7 +156,7 @@ class SchedulerHalf:
     def build_connector_meta(self, scheduler_output) -> KVPlugMetadata:
         meta = KVPlugMetadata(slab=(self.store.cpu.name, self.store.cpu.nonce))
         self._steps.append((time.monotonic(), scheduler_output.total_num_scheduled_tokens))
-        self._observe_late()
+        self.promotions.observe_late()
         preempted = set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         for st in self._planned:
             if st.phase is not LoadPhase.PLANNED:
@@ -221,17 +200,6 @@ class SchedulerHalf:
         meta.preempted = [r for r in preempted if (st := self._reqs.get(r)) is not None and st.saves]
         self._tails, self._release = [], []
         return meta
-
-    def _observe_late(self) -> None:
-        """Promotions given up on that have landed since: how slow the SSD really was."""
-        if self._late:
-            pending = []
-            for handle, asked, nbytes in self._late:
-                if handle.done():  # its real speed, averaged in: a disk that stalled once recovers
-                    self.policy.observe_load("ssd", nbytes, handle.done_at - asked)
-                else:
-                    pending.append((handle, asked, nbytes))
-            self._late = pending
 
     def _save_job(self, st: RequestState, blocks: list[tuple[int, StoreEntry]], block_ids: list[int]) -> SaveJob | None:
         """Reserve slots for blocks (index in the request, entry); a job for those that need writing."""

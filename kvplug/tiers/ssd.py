@@ -60,22 +60,21 @@ import logging
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
-from collections import Counter
 from typing import Callable, Iterator
 
 import numpy as np
 import xxhash
 
-from kvplug.keys import FORMAT_VERSION, KEY_BYTES, block_key, hash_key, tokens_array
+from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
 from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
 from kvplug.tiers.manifest import Manifest
 from kvplug.tiers.segments import Segments
-from kvplug.tiers.slot_index import Entry, SlotIndex
+from kvplug.tiers.slot_index import Entry
 from kvplug.tiers.slots import ALIGN, slot_stride
+from kvplug.tiers.ssd_startup import SSDStartup
 from kvplug.tiers.ssd_workers import SSDWorkers, _Op, _u8
 
 log = logging.getLogger("kvplug")
@@ -86,11 +85,9 @@ MAX_BATCH = 32              # most transfers handled as one batch...
 MAX_BATCH_BYTES = 16 << 20  # ...and most bytes: big blocks gain nothing from batching
 CLOSE_TIMEOUT_S = 30.0      # close() returns within about this, whatever the disk does
 MAX_TOKENS = 1 << 16        # tokens a block may hold when block_tokens is not given
-_LITTLE = sys.byteorder == "little"  # a row's tokens (<i8) are then the bytes block_key hashes
-MAX_CLOCK = 1 << 62         # a row's last_access past this is damage (the clock would overflow int64)
 
 
-class SSDTier(SSDWorkers):
+class SSDTier(SSDWorkers, SSDStartup):
     def __init__(self, path: str, capacity_bytes: int, block_bytes: int, fingerprint: bytes,
                  io_threads: int = 4, o_direct: str = "auto", io: FileIO | None = None, *,
                  block_tokens: int | None = None, integrity_key: bytes | None = None,
@@ -155,84 +152,6 @@ class SSDTier(SSDWorkers):
             raise OSError(errno.EINVAL, f"kvplug SSD tier: o_direct='on' but {self.path} does not support O_DIRECT ({why})")
         log.info("kvplug SSD tier: O_DIRECT unavailable in %s (%s); using buffered I/O", self.path, why)
         return False
-
-    def _row_problem(self, key: bytes, parent: bytes, tokens: bytes, segment: int, slot: int,
-                     last_access: int) -> str | None:
-        """What makes a manifest row unusable (None: nothing). Rows are untrusted input."""
-        if len(key) != KEY_BYTES:
-            return "key"
-        n, odd = divmod(len(tokens), 8)
-        if odd or not 1 <= n <= self._max_tokens:
-            return "tokens"
-        if segment < 0 or not 0 <= slot < self.slots_per_segment:
-            return "slot"
-        if not 0 <= last_access < MAX_CLOCK:
-            return "clock"
-        if (hash_key(parent + tokens) if _LITTLE else block_key(parent, np.frombuffer(tokens, "<i8"))) != key:
-            return "chain"  # the key is not its parent's and tokens' hash: a lookup would mismatch
-        return None
-
-    def _load(self) -> tuple[SlotIndex, list[bytes]]:
-        """Index the manifest's rows; drop (and count) the ones that cannot be right.
-        Also returns the keys dropped (for ``on_drop``)."""
-        manifest = self._manifest
-        # Failed their row check, or held a blob too long to read: deleted by the manifest.
-        problems = Counter({"row_check": manifest.dropped_rows, "oversized": manifest.oversized_rows})
-        index = SlotIndex(self.num_slots, tags=self._mac_key is not None,
-                          clock=max((r[8] for r in manifest.rows if 0 <= r[8] < MAX_CLOCK), default=0))
-        used, drop, shrunk, kept = bytearray(self.num_slots), [], 0, []
-        keys, slots, checksums, foreign, clocks, tags = [], [], [], [], [], []
-        per_segment, num_slots, mine, fmt_now = self.slots_per_segment, self.num_slots, self.fingerprint, FORMAT_VERSION
-        for key, parent, tokens, segment, slot, checksum, fingerprint, fmt, last_access, _ in manifest.rows:
-            problem = self._row_problem(key, parent, tokens, segment, slot, last_access)
-            g = segment * per_segment + slot
-            if problem is None and g < num_slots and used[g]:
-                problem = "duplicate_slot"  # the older row (seen first) keeps it
-            if problem is not None:
-                problems[problem] += 1
-                drop.append(key)
-            elif not 0 <= g < num_slots:
-                shrunk += 1
-                drop.append(key)  # capacity shrank since
-            else:
-                used[g] = 1
-                is_foreign = fingerprint != mine or fmt != fmt_now
-                keys.append(key)
-                slots.append(g)
-                checksums.append(checksum)
-                foreign.append(is_foreign)
-                clocks.append(last_access)
-                if self._mac_key is not None:
-                    tags.append(None if is_foreign else slot_header.meta_digest(key, parent, tokens))
-                if not is_foreign:
-                    kept.append((key, parent, tokens))
-        index.load(keys, slots, checksums, foreign, clocks, tags)
-        del keys, slots, checksums, foreign, clocks, tags
-        if drop:
-            try:
-                manifest.delete(drop)
-            except sqlite3.Error as err:  # the rows may survive: leave the slots they name unused
-                dropped_keys = set(drop)
-                index.hold(g for r in manifest.rows if r[0] in dropped_keys
-                           and 0 <= (g := r[3] * per_segment + r[4]) < num_slots)
-                log.warning("kvplug SSD tier: could not delete %d bad manifest rows in %s: %s",
-                            len(drop), self.path, err)
-        index.ready()
-        bad = sum(problems.values())
-        index.count("corruptions", bad)
-        index.count("corruptions_manifest", bad)
-        for problem, n in problems.items():
-            if n:
-                index.count(f"corruptions_manifest_{problem}", n)
-        if bad and index.first("manifest_rows"):
-            log.warning("kvplug SSD tier: dropped %d bad manifest rows in %s (%s)", bad, self.path,
-                        ", ".join(f"{k}: {n}" for k, n in problems.items() if n))
-        index.count("dropped_capacity", shrunk)
-        index.count("manifest_resets", int(manifest.reset_reason is not None))
-        manifest.rows = []
-        self._startup_entries = kept  # entries() hands them out once, unless blocks come or go first
-        self._segments.prune(self.num_slots)
-        return index, [k for k in manifest.dropped_keys + drop if isinstance(k, bytes)]
 
     # -- public API -----------------------------------------------------------
 
