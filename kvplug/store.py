@@ -17,8 +17,7 @@ State, under one lock (SSD futures complete on I/O threads):
              (storing, promoting, visible, evicted: kvplug/block_state.py)
              only moves along checked transitions
   _policy    the visible resident blocks that may be evicted
-  the SSD tier's own slot map says which blocks it holds (it may drop some
-             on its own: it tells the store, which drops them from the index)
+The SSD tier's own map says what it holds; what it drops it reports (on_drop).
 What a block's phase needs (a storing block's tokens, the loads waiting for a
 promotion, an SSD write in flight) lives on its ``Resident``, not in more maps.
 A block's pins are its loads in flight plus an SSD transfer of its slot.
