@@ -2,7 +2,7 @@
 
 Looks up, stores, loads and moves KV blocks (``block_bytes`` each: every
 layer of one block of tokens, encoded) between the CPU tier (a slab of slots,
-optionally in shared memory that a worker process maps) and the SSD tier.
+maybe in shared memory a worker maps), the SSD tier and a remote one (store_remote.py).
 
 Transfers are two-phase, as in vLLM's OffloadingManager:
   prepare_store -> (caller fills the slots) -> complete_store | abort_store
