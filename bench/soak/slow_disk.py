@@ -81,7 +81,7 @@ def run_slow_disk(args, workdir: Path, log=print) -> dict:
         for key, prompt, a, b in zip(row["keys"], row["prompts"], row["kv"]["results"], row["ref"]["results"]):
             if not failed(a) and not failed(b) and not identical(a, b):
                 cases.append({"key": key, "prompt": prompt, "hit": a["cached_tokens"], "kvplug": a, "vllm": b})
-    control = prefix_cache_control(model, workdir, cases[:args.control_max], args.max_tokens, 2048, log) \
+    control = prefix_cache_control(model, workdir, cases[:args.control_max], args.max_tokens, max_len, log) \
         if args.control_max else []
     return summarize_slow_disk(args, {"rows": rows, "starts": starts, "end_snap": end_snap, "kv": kv,
                                       "t_start": t_start, "model": model, "log": log_text,
