@@ -118,13 +118,13 @@ class RemoteTier:
             return out
         names = [self.name(w.key) for w in wanted]
         try:
-            records, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.get(names[i]))
+            records, ran = self._nodes.run(client, names, lambda pipe, i: pipe.get(names[i]))
         except Exception as e:  # refused, timed out, every node down: a miss, and the link is down
             self._failed("fetch", e)
             self._count(fetch_errors=1, miss_blocks=len(wanted))
             return out
         self._up()
-        counts: Counter = Counter(fetches=1, node_errors=nodes_failed)
+        counts: Counter = Counter(fetches=1) + ran
         for i, (w, record) in enumerate(zip(wanted, records)):
             if record is None or isinstance(record, Exception):  # evicted, never stored, or its node failed
                 counts["miss_blocks"] += 1
@@ -191,15 +191,14 @@ class RemoteTier:
                                                  w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
             names = [self.name(w.key) for w in batch]
             nbytes = sum(len(r) for r in records)
-            results, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
+            results, ran = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
         except Exception as e:  # the server failed (or a record could not be built): never the thread
             self._failed("write", e)
             self._count(writes_failed=len(batch))
             return [False] * len(batch)
         self._up()
         ok = [not isinstance(r, Exception) for r in results]
-        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes,
-                    node_errors=nodes_failed)
+        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes, **ran)
         return ok
 
     # -- the link -----------------------------------------------------------------------
@@ -277,7 +276,7 @@ class RemoteTier:
             link = self.link
         keys = ("fetches", "fetches_skipped_down", "fetch_errors", "hit_blocks", "miss_blocks", "bad_records",
                 "writes_queued", "writes_done", "writes_failed", "writes_dropped", "bytes_read", "bytes_written",
-                "connects", "link_errors", "node_errors")
+                "connects", "link_errors", "node_errors", "redirects", "slot_map_refreshes")
         out = {k: counts.get(k, 0) for k in keys}
         out |= {f"bad_{r}": counts.get(f"bad_{r}", 0) for r in remote_record.REASONS}
         out["degraded"] = int(link is Link.DOWN)

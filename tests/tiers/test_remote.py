@@ -232,6 +232,38 @@ def test_cluster_spreads_blocks_and_fetches_them_in_one_call(cluster):
         t.close()
 
 
+def test_cluster_follows_a_slot_as_it_moves_ask_then_moved(cluster):
+    """Reshard one slot by hand (IMPORTING / MIGRATING, the record moved, then SETSLOT NODE): its
+    block is found at every stage, first through ASK, then MOVED, then straight from the new owner."""
+    t = tier(cluster_url(cluster), namespace="moving")
+    try:
+        (w, payload), = blocks = chain(1, seed=13)
+        put_all(t, blocks)
+        name = t.name(w.key)
+        slot = t._usable().keyslot(name)
+        ids = [s.client().execute_command("CLUSTER", "MYID").decode() for s in cluster]
+        src = next(i for i, s in enumerate(cluster) if s.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+        dst = (src + 1) % len(cluster)
+        cluster[dst].client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
+        cluster[src].client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[dst])
+        record = cluster[src].client().get(name)
+        pipe = cluster[dst].client().pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.set(name, record)
+        pipe.execute()
+        cluster[src].client().delete(name)  # mid-migration: the source answers ASK
+        assert fetched(t, blocks) == [payload] and t.stats()["redirects"] == 1
+        for s in cluster:  # the migration ends: the source answers MOVED
+            s.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[dst])
+        assert fetched(t, blocks) == [payload]
+        stats = t.stats()
+        assert stats["redirects"] == 2 and stats["slot_map_refreshes"] >= 1 and stats["miss_blocks"] == 0
+        assert fetched(t, blocks) == [payload] and t.stats()["redirects"] == 2  # the new map: no redirection
+        assert t.link is Link.UP
+    finally:
+        t.close()
+
+
 def test_cluster_node_killed_mid_run_gives_misses_not_errors_or_stalls(tmp_path):
     servers = start_cluster(str(tmp_path / "c"))
     t = tier(cluster_url(servers))
