@@ -50,6 +50,9 @@ from kvplug.tiers.remote_url import RemoteURL
 log = logging.getLogger("kvplug")
 
 WRITE_BATCH = 16  # records per write pipeline: fewer round trips, bounded memory per batch
+# Fetches queued or running (on 2 reader threads); past this a request does not wait for the
+# server (fetch answers None): a burst of requests never builds a queue that outlives their deadlines.
+FETCHES_IN_FLIGHT = 8
 
 
 class Wanted(NamedTuple):
@@ -81,14 +84,19 @@ class RemoteTier:
         self.cluster = len(url.nodes) > 1 if cluster is None else cluster
         self._prefix = f"{namespace}:".encode()
         self._auth = {"username": username, "password": password}  # never logged
-        self._timeout_s, self._retry_s, self._secret = timeout_s, retry_s, secret
+        self._timeout_s, self._retry_s = timeout_s, retry_s
+        self._secret = None if secret is None else remote_record.derive_key(secret)  # any length of secret
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()  # one connection attempt at a time (reader and writer threads)
         self._idle = threading.Condition(self._lock)  # no write queued or in flight
-        self._in_flight = 0
+        self._in_flight = 0  # writes queued or being sent: each pins a CPU slot, at most queue_blocks
+        self._queue_blocks = queue_blocks
+        self._fetching = 0   # fetches queued or running, at most FETCHES_IN_FLIGHT
+        self._abandon_writes = False  # close() ran out of time: complete what is left unsent
         self._client = None
         self.link, self._retry_at = Link.DOWN, time.monotonic()
         self._counts: Counter = Counter()
-        self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_blocks)
+        self._queue: queue.Queue[_Write | None] = queue.Queue()  # bounded by _in_flight, in put
         self._reader = cf.ThreadPoolExecutor(2, thread_name_prefix="kvplug-remote-read")
         self._nodes = NodePipelines(self.cluster, retry_s)
         self._buffers = [bytearray() for _ in range(WRITE_BATCH)]  # the writer's records, reused
@@ -106,9 +114,25 @@ class RemoteTier:
 
     # -- reads ----------------------------------------------------------------------
 
-    def fetch(self, wanted: Sequence[Wanted]) -> cf.Future:
-        """A future of one payload (a memoryview) or None per block, in order: one round trip."""
-        return self._reader.submit(self._fetch, list(wanted))
+    def fetch(self, wanted: Sequence[Wanted]) -> cf.Future | None:
+        """A future of one payload (a memoryview) or None per block, in order: one round trip.
+        None (nothing asked) when FETCHES_IN_FLIGHT fetches are queued or running already."""
+        with self._lock:
+            if self._fetching >= FETCHES_IN_FLIGHT or self._closed:
+                self._counts["fetches_refused_busy"] += 1
+                return None
+            self._fetching += 1
+        try:
+            future = self._reader.submit(self._fetch, list(wanted))
+        except RuntimeError:  # closed meanwhile
+            self._fetch_ended(None)
+            return None
+        future.add_done_callback(self._fetch_ended)  # run, failed or cancelled
+        return future
+
+    def _fetch_ended(self, _future) -> None:
+        with self._lock:
+            self._fetching -= 1
 
     def _fetch(self, wanted: list[Wanted]) -> list[memoryview | None]:
         out: list[memoryview | None] = [None] * len(wanted)
@@ -149,11 +173,10 @@ class RemoteTier:
             self._count(writes_dropped=1)
             return False
         with self._idle:
-            try:
-                self._queue.put_nowait(_Write(key, parent, tokens, payload, done))
-            except queue.Full:
+            if self._closed or self._in_flight >= self._queue_blocks:  # (closed: no sentinel passed yet)
                 self._counts["writes_dropped"] += 1
                 return False
+            self._queue.put_nowait(_Write(key, parent, tokens, payload, done))
             self._in_flight += 1
             self._counts["writes_queued"] += 1
         return True
@@ -171,7 +194,11 @@ class RemoteTier:
                 stop = item is None
                 if item is not None:
                     batch.append(item)
-            results = self._write(batch) if batch else []
+            if self._abandon_writes:  # close() ran out of time: nothing more goes out
+                self._count(writes_dropped=len(batch))
+                results = [False] * len(batch)
+            else:
+                results = self._write(batch) if batch else []
             for write, ok in zip(batch, results):
                 try:
                     write.done(ok)
@@ -186,19 +213,29 @@ class RemoteTier:
         if client is None:
             self._count(writes_dropped=len(batch))
             return [False] * len(batch)
+        ok, records, sent = [False] * len(batch), [], []
+        for i, (w, buf) in enumerate(zip(batch, self._buffers)):
+            try:
+                records.append(remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens,
+                                                         self.codec, w.payload, self._secret))
+                sent.append(i)
+            except Exception:  # a record that cannot be built is this write's failure, not the server's
+                log.exception("kvplug remote: a record could not be built")
+                self._count(writes_failed=1)
+        if not sent:
+            return ok
+        names = [self.name(batch[i].key) for i in sent]
         try:
-            records = [remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
-                                                 w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
-            names = [self.name(w.key) for w in batch]
-            nbytes = sum(len(r) for r in records)
-            results, ran = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
-        except Exception as e:  # the server failed (or a record could not be built): never the thread
+            results, ran = self._nodes.run(client, names, lambda pipe, j: pipe.set(names[j], records[j]))
+        except Exception as e:  # the server failed: never the thread
             self._failed("write", e)
-            self._count(writes_failed=len(batch))
-            return [False] * len(batch)
+            self._count(writes_failed=len(sent))
+            return ok
         self._up()
-        ok = [not isinstance(r, Exception) for r in results]
-        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes, **ran)
+        for i, r in zip(sent, results):
+            ok[i] = not isinstance(r, Exception)
+        done = sum(ok)
+        self._count(writes_done=done, writes_failed=len(sent) - done, bytes_written=sum(map(len, records)), **ran)
         return ok
 
     # -- the link -----------------------------------------------------------------------
@@ -209,7 +246,12 @@ class RemoteTier:
             if self.link is Link.DOWN and time.monotonic() < self._retry_at:
                 return None
             client = self._client
-        if client is None:
+        if client is not None:
+            return client
+        with self._connecting:  # the reader and writer threads would each open a client (one left open)
+            with self._lock:
+                if self._client is not None:
+                    return self._client
             try:
                 client = self._connect()
             except Exception as e:
@@ -238,7 +280,9 @@ class RemoteTier:
         client = self._usable()
         if client is not None:
             try:
-                client.ping()
+                # One node: a cluster with a dead node still serves the others' keys (its client has
+                # read the slot map from a live seed already).
+                client.ping(target_nodes=client.RANDOM) if self.cluster else client.ping()
                 self._up()
             except Exception as e:
                 self._failed("ping", e)
@@ -289,16 +333,18 @@ class RemoteTier:
             return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking writes, send what is queued (up to ``timeout``), close the connections."""
+        """Stop taking writes and fetches, send what is queued (up to ``timeout``; what is left then
+        completes unsent, ``done(False)``), close the connections."""
         if self._closed:
             return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(None, timeout=timeout)  # after what is queued
-        except queue.Full:
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)  # after what is queued (the queue itself is unbounded: never blocks)
+        self._writer.join(timeout)
+        if self._writer.is_alive():
             log.warning("kvplug remote: writes still queued at close; left behind")
-        self._writer.join(max(0.0, deadline - time.monotonic()))
+            self._abandon_writes = True
+            self._writer.join(self._timeout_s + 1.0)  # a batch being sent ends within the socket timeout
         self._reader.shutdown(wait=True, cancel_futures=True)  # a fetch in flight ends within timeout_s
         if self._client is not None:
             _close_quietly(self._client)
