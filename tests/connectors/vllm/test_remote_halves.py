@@ -63,6 +63,9 @@ def test_engine_b_loads_what_engine_a_stored(tmp_path, server, password):
         a = serve_and_store(a_engine, "a", PROMPT)
         assert a_engine.sched.store.remote.flush(5)
         assert a_engine.sched.store.stats()["remote"]["writes_done"] == 3
+        again = a_engine.request("a2", PROMPT)  # block-aligned, all of it a local hit: nothing to fetch
+        assert ask_until_answered(a_engine, again) == (len(PROMPT) - 1, 1)
+        assert a_engine.sched.stats.data["remote_fetches"] == 1  # the cold request's only
 
         b = b_engine.request("b", PROMPT)
         n, asked = ask_until_answered(b_engine, b)
