@@ -36,6 +36,7 @@ import concurrent.futures as cf
 import enum
 import logging
 import queue
+import random
 import threading
 import time
 from collections import Counter
@@ -280,12 +281,26 @@ class RemoteTier:
         client = self._usable()
         if client is not None:
             try:
-                # One node: a cluster with a dead node still serves the others' keys (its client has
-                # read the slot map from a live seed already).
-                client.ping(target_nodes=client.RANDOM) if self.cluster else client.ping()
+                self._ping(client)
                 self._up()
             except Exception as e:
                 self._failed("ping", e)
+
+    def _ping(self, client) -> None:
+        """One node answers. A cluster's primaries are tried in a random order until one does: a
+        cluster with a dead node still serves the others' keys (redis-py's PING asks every node)."""
+        if not self.cluster:
+            client.ping()
+            return
+        nodes = client.get_primaries()
+        random.shuffle(nodes)
+        for node in nodes:
+            try:
+                client.get_redis_connection(node).ping()
+                return
+            except Exception as e:
+                error = e
+        raise error if nodes else ConnectionError("the cluster's slot map names no primary")
 
     def _up(self) -> None:
         with self._lock:

@@ -286,6 +286,12 @@ def test_cluster_node_killed_mid_run_gives_misses_not_errors_or_stalls(tmp_path)
         # writes to a cluster with a dead node never raise either; their done() is called
         t.put(blocks[0][0].key, FP, blocks[0][0].tokens, blocks[0][1], lambda ok: None)
         assert t.flush(10)
+        late = tier(cluster_url(servers))  # an engine starting now: one dead node is not a dead tier
+        try:
+            wait_until(lambda: late.stats()["connects"] + late.stats()["link_errors"] > 0)
+            assert late.link is Link.UP and late.stats()["link_errors"] == 0
+        finally:
+            late.close()
     finally:
         t.close()
         stop_all(servers)
