@@ -167,8 +167,9 @@ class RemoteTransfers:
                 if slot is not None:
                     self.cpu.write_block(slot, payload)
                     written.append(entry.key)
-        finally:
-            self.abort_store(reserved[len(written):])  # a write that raised: give the slots back
+        except Exception:  # the blocks before it land; its slot and the rest's are given back
+            log.exception("kvplug store: a fetched block could not be copied into its CPU slot")
+        self.abort_store(reserved[len(written):])
         with self._lock:
             self._remote_origin.update(written)
             self._stats["remote_promotions"] += len(written)

@@ -96,9 +96,22 @@ def test_fetches_and_queued_writes_take_at_most_a_quarter_of_the_cpu_tier(tmp_pa
         tokens = list(range(200, 224))  # 6 full blocks, all on the server
         put_chain(writer, tokens)
         assert writer.remote.flush(5) and writer.stats()["remote"]["writes_done"] == 6
+        real, calls = reader.cpu.write_block, []
+
+        def failing(slot, data):  # the second block's copy into its slot fails
+            calls.append(slot)
+            if len(calls) == 2:
+                raise OSError("copy failed")
+            real(slot, data)
+
+        reader.cpu.write_block = failing
         fetch = reader.fetch_remote(entries_of(writer.root, tokens))
-        assert fetch.wait(5) and (fetch.blocks, fetch.found, fetch.landed) == (2, 2, 2)
-        assert reader.stats()["remote"]["hit_blocks"] == 2  # the rest were never asked for
+        assert fetch.wait(5) and (fetch.found, fetch.landed) == (2, 1)  # the block before the failure lands
+        assert reader.cpu.stats()["used_slots"] == 1  # the failed block's slot is not left reserved
+        reader.cpu.write_block = real
+        fetch = reader.fetch_remote(entries_of(writer.root, tokens))
+        assert fetch.wait(5) and (fetch.blocks, fetch.found, fetch.landed) == (2, 2, 1)  # the first was there
+        assert reader.stats()["remote"]["hit_blocks"] == 4  # 2 a fetch: the rest were never asked for
         assert reader.get(tokens)[0] == 8
     finally:
         writer.close()
