@@ -8,9 +8,11 @@ garbage), counted by reason.
 
 Nothing here blocks its caller on the network: ``fetch`` runs one pipelined
 round trip (one GET per block; on a cluster one pipeline per node that owns
-some: remote_pipeline.py, a dead node costs only its keys) on a reader thread and returns a future; ``put`` queues a write for the writer
-thread, which sends batches in pipelines, and drops it (counted) when the
-bounded queue is full or the server is down.
+some: remote_pipeline.py, a dead node costs only its keys) on a reader
+thread and returns a future, or None when FETCHES_IN_FLIGHT are queued or
+running already; ``put`` queues a write for the writer thread, which sends
+batches in pipelines, and drops it (counted) when ``queue_blocks`` writes are
+queued or being sent, or the server is down.
 
 The connection is a small state machine:
 
@@ -25,9 +27,9 @@ engine starts whether or not the server is up, and reports ``degraded``.
 
 Client: redis-py with hiredis (the reference client, maintained by Redis,
 speaks to Valkey as well, has a C reply parser and a cluster client,
-``redis.cluster.RedisCluster``, that follows MOVED/ASK and splits pipelines by
-slot owner); valkey-glide would add a Rust core and its own runtime for no
-gain at these request sizes.
+``redis.cluster.RedisCluster``, whose slot map remote_pipeline.py groups keys
+by, following MOVED / ASK itself); valkey-glide would add a Rust core and its
+own runtime for no gain at these request sizes.
 """
 
 from __future__ import annotations
@@ -335,7 +337,7 @@ class RemoteTier:
             link = self.link
         keys = ("fetches", "fetches_skipped_down", "fetch_errors", "hit_blocks", "miss_blocks", "bad_records",
                 "writes_queued", "writes_done", "writes_failed", "writes_dropped", "bytes_read", "bytes_written",
-                "connects", "link_errors", "node_errors", "redirects", "slot_map_refreshes")
+                "connects", "link_errors", "node_errors", "redirects", "slot_map_refreshes", "fetches_refused_busy")
         out = {k: counts.get(k, 0) for k in keys}
         out |= {f"bad_{r}": counts.get(f"bad_{r}", 0) for r in remote_record.REASONS}
         out["degraded"] = int(link is Link.DOWN)
@@ -357,7 +359,7 @@ class RemoteTier:
         self._queue.put(None)  # after what is queued (the queue itself is unbounded: never blocks)
         self._writer.join(timeout)
         if self._writer.is_alive():
-            log.warning("kvplug remote: writes still queued at close; left behind")
+            log.warning("kvplug remote: writes still queued at close; completed unsent")
             self._abandon_writes = True
             self._writer.join(self._timeout_s + 1.0)  # a batch being sent ends within the socket timeout
         self._reader.shutdown(wait=True, cancel_futures=True)  # a fetch in flight ends within timeout_s
