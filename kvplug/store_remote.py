@@ -68,13 +68,15 @@ class RemoteTransfers:
         self._remote_origin: set[bytes] = set()  # resident blocks fetched from the server: never written back
         if not config.remote_url:
             return
-        from kvplug.tiers.remote import RemoteTier  # imports redis: only with a remote tier configured
-
         # Queued writes pin CPU slots and fetched blocks land in them: each gets at most a quarter of
-        # the slots, so that neither can take the CPU tier from the requests it serves. The slot count
-        # depends on the model's block size, so a larger setting is clamped here (noted), not refused.
+        # the slots (fetches in flight together too), so that neither can take the CPU tier from the
+        # requests it serves. The slot count depends on the model's block size, so a larger setting
+        # is clamped here (noted), not refused.
+        from kvplug.tiers.remote import FETCHES_IN_FLIGHT, RemoteTier  # imports redis: only with a remote tier
+
         quarter = max(1, self.cpu.num_slots // 4)
         self.remote_fetch_blocks = min(config.remote_fetch_blocks, quarter)
+        fetches = max(1, min(FETCHES_IN_FLIGHT, quarter // self.remote_fetch_blocks))
         queue_blocks = min(config.remote_queue_blocks, quarter)
         for key, value, used in (("remote_fetch_blocks", config.remote_fetch_blocks, self.remote_fetch_blocks),
                                  ("remote_queue_blocks", config.remote_queue_blocks, queue_blocks)):
@@ -86,7 +88,8 @@ class RemoteTransfers:
             codec=config.codec, namespace=config.remote_namespace,
             cluster={"auto": None, "on": True, "off": False}[config.remote_cluster],
             username=config.remote_username, password=config.remote_secret(), timeout_s=config.remote_timeout_s,
-            retry_s=config.remote_retry_s, queue_blocks=queue_blocks, secret=config.integrity_secret())
+            retry_s=config.remote_retry_s, queue_blocks=queue_blocks, secret=config.integrity_secret(),
+            fetches_in_flight=fetches)
 
     # -- writes (hooks called under the store's lock) ----------------------------------------
 

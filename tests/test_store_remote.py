@@ -93,6 +93,7 @@ def test_fetches_and_queued_writes_take_at_most_a_quarter_of_the_cpu_tier(tmp_pa
     reader = make(tmp_path, cpu_blocks=8, **remote(server, "quarter", monkeypatch, remote_queue_blocks=100))
     try:
         assert reader.remote_fetch_blocks == 2 and reader.remote._queue_blocks == 2  # clamped: 8 slots / 4
+        assert reader.remote._max_fetching == 1  # fetches in flight land 2 blocks at most, together
         tokens = list(range(200, 224))  # 6 full blocks, all on the server
         put_chain(writer, tokens)
         assert writer.remote.flush(5) and writer.stats()["remote"]["writes_done"] == 6
@@ -119,10 +120,11 @@ def test_fetches_and_queued_writes_take_at_most_a_quarter_of_the_cpu_tier(tmp_pa
 
 
 def test_fetches_given_up_on_never_land_and_too_many_are_refused(tmp_path, server, monkeypatch):
-    from kvplug.tiers.remote import FETCHES_IN_FLIGHT, Link
+    from kvplug.tiers.remote import Link
 
     writer = make(tmp_path, cpu_blocks=32, **remote(server, "abandon", monkeypatch))
-    reader = make(tmp_path, cpu_blocks=16, **remote(server, "abandon", monkeypatch, remote_timeout_s=2.0))
+    reader = make(tmp_path, cpu_blocks=128, **remote(server, "abandon", monkeypatch, remote_timeout_s=2.0,
+                                                     remote_fetch_blocks=4))  # 32 slots a quarter: 8 fetches
     try:
         tokens = list(range(300, 316))  # 4 full blocks, all on the server
         put_chain(writer, tokens)
@@ -133,14 +135,14 @@ def test_fetches_given_up_on_never_land_and_too_many_are_refused(tmp_path, serve
             time.sleep(0.01)
         os.kill(server.process.pid, signal.SIGSTOP)  # replies wait: 2 fetches run, the rest queue
         try:
-            fetches = [reader.fetch_remote(entries_of(writer.root, tokens)) for _ in range(FETCHES_IN_FLIGHT)]
+            fetches = [reader.fetch_remote(entries_of(writer.root, tokens)) for _ in range(8)]
             assert all(fetches) and reader.fetch_remote(entries_of(writer.root, tokens)) is None  # full
             for fetch in fetches:
                 fetch.abandon()  # their requests went on without them
         finally:
             os.kill(server.process.pid, signal.SIGCONT)
         assert all(f.wait(5) for f in fetches)
-        assert [f.landed for f in fetches] == [0] * FETCHES_IN_FLIGHT and reader.get(tokens)[0] == 0
+        assert [f.landed for f in fetches] == [0] * 8 and reader.get(tokens)[0] == 0
         stats = reader.stats()["remote"]
         assert stats["fetches"] <= 2 and stats["abandoned_blocks"] == 4 * stats["fetches"]  # queued: never sent
         fetch = reader.fetch_remote(entries_of(writer.root, tokens))  # room again

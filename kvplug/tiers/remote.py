@@ -9,8 +9,8 @@ garbage), counted by reason.
 Nothing here blocks its caller on the network: ``fetch`` runs one pipelined
 round trip (one GET per block; on a cluster one pipeline per node that owns
 some: remote_pipeline.py, a dead node costs only its keys) on a reader
-thread and returns a future, or None when FETCHES_IN_FLIGHT are queued or
-running already; ``put`` queues a write for the writer thread, which sends
+thread and returns a future, or None when ``fetches_in_flight`` are queued
+or running already; ``put`` queues a write for the writer thread, which sends
 batches in pipelines, and drops it (counted) when ``queue_blocks`` writes are
 queued or being sent, or the server is down.
 
@@ -53,7 +53,7 @@ from kvplug.tiers.remote_url import RemoteURL
 log = logging.getLogger("kvplug")
 
 WRITE_BATCH = 16  # records per write pipeline: fewer round trips, bounded memory per batch
-# Fetches queued or running (on 2 reader threads); past this a request does not wait for the
+# Most fetches queued or running (on 2 reader threads); past this a request does not wait for the
 # server (fetch answers None): a burst of requests never builds a queue that outlives their deadlines.
 FETCHES_IN_FLIGHT = 8
 
@@ -82,7 +82,7 @@ class RemoteTier:
     def __init__(self, url: RemoteURL, *, fingerprint: bytes, block_bytes: int, codec: str,
                  namespace: str = "kvplug", cluster: bool | None = None, username: str | None = None,
                  password: str | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
-                 queue_blocks: int = 256, secret: bytes | None = None):
+                 queue_blocks: int = 256, secret: bytes | None = None, fetches_in_flight: int = FETCHES_IN_FLIGHT):
         self.url, self.fingerprint, self.block_bytes, self.codec = url, fingerprint, block_bytes, codec
         self.cluster = len(url.nodes) > 1 if cluster is None else cluster
         self._prefix = f"{namespace}:".encode()
@@ -94,7 +94,7 @@ class RemoteTier:
         self._idle = threading.Condition(self._lock)  # no write queued or in flight
         self._in_flight = 0  # writes queued or being sent: each pins a CPU slot, at most queue_blocks
         self._queue_blocks = queue_blocks
-        self._fetching = 0   # fetches queued or running, at most FETCHES_IN_FLIGHT
+        self._fetching, self._max_fetching = 0, fetches_in_flight  # fetches queued or running
         self._abandon_writes = False  # close() ran out of time: complete what is left unsent
         self._client = None
         self.link, self._retry_at = Link.DOWN, time.monotonic()
@@ -119,9 +119,9 @@ class RemoteTier:
 
     def fetch(self, wanted: Sequence[Wanted]) -> cf.Future | None:
         """A future of one payload (a memoryview) or None per block, in order: one round trip.
-        None (nothing asked) when FETCHES_IN_FLIGHT fetches are queued or running already."""
+        None (nothing asked) when ``fetches_in_flight`` are queued or running already."""
         with self._lock:
-            if self._fetching >= FETCHES_IN_FLIGHT or self._closed:
+            if self._fetching >= self._max_fetching or self._closed:
                 self._counts["fetches_refused_busy"] += 1
                 return None
             self._fetching += 1
