@@ -2,14 +2,17 @@
 
 vLLM's scheduler thread never waits on the network. The first time a
 request's local hit (CPU + SSD tiers) stops short of the blocks its prompt
-could hit, the full blocks past it are fetched from the remote tier in one
+could hit, the full blocks past it (at most ``remote_fetch_blocks``, and only
+when they could add ``min_hit_tokens``) are fetched from the remote tier in one
 pipelined round trip on a reader thread (kvplug/store_remote.py), and
 ``get_num_new_matched_tokens`` answers None: "ask again", others run
 meanwhile. The fetched blocks, verified, land in the CPU tier; the next
 lookup finds them there and they load as CPU hits. A fetch that outlives the
-promotion deadline (a slow or unreachable server) is given up: the request
-goes on with its local hit and recomputes the rest, and the policy learns
-how slow the server was. A request waits for the remote at most once.
+promotion deadline (a slow or unreachable server) is given up (cancelled if
+still queued; what it brings back later is not stored): the request goes on
+with its local hit and recomputes the rest, and the policy learns how slow
+the server was. A request waits for the remote at most once, and not at all
+when the store has too many fetches in flight.
 
 Full blocks only: a partial tail is found through the local index, which the
 remote tier does not have (its keys are looked up, never listed).
