@@ -63,9 +63,11 @@ def machine() -> dict:
 
 def make_store(tmp: str, name: str, layout: KVLayout, blocks: int, url: str) -> TieredStore:
     bb = layout.raw_block_bytes()
-    cfg = KVPlugConfig(cpu_bytes=(blocks + 4) * slot_stride(bb), shm_dir=tmp, remote_url=url, remote_username=USER,
-                       remote_password="env:BENCH_REMOTE_PW", remote_namespace="bench", remote_queue_blocks=4096,
-                       remote_timeout_s=10)
+    # Fetches and queued writes may use a quarter of the CPU tier: 4x the round's blocks, so that a round
+    # is one fetch and no write is dropped.
+    cfg = KVPlugConfig(cpu_bytes=4 * (blocks + 1) * slot_stride(bb), shm_dir=tmp, remote_url=url,
+                       remote_username=USER, remote_password="env:BENCH_REMOTE_PW", remote_namespace="bench",
+                       remote_queue_blocks=blocks, remote_fetch_blocks=blocks, remote_timeout_s=10)
     return TieredStore(cfg, layout, bb, fingerprint("bench", layout.describe(), "raw"), name=f"{name}-{os.getpid()}")
 
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from kvplug.tiers import remote_url
+from kvplug import config_remote
 
 _UNITS = {
     "": 1, "b": 1,
@@ -160,8 +160,12 @@ class KVPlugConfig:
     # "through": every block stored in the CPU tier is queued for the server; "back": only blocks
     # evicted from the CPU tier; "off": read only.
     remote_write: str = "through"
-    # Bounded write queue to the server; a full queue drops the write (counted).
+    # Bounded write queue to the server; a full queue drops the write (counted). At most a quarter
+    # of the CPU tier's slots (each queued block pins one): larger values are clamped at start-up.
     remote_queue_blocks: int = 256
+    # Most blocks one fetch asks the server for (a prompt's blocks past it are recomputed); at most
+    # a quarter of the CPU tier's slots (they land there): larger values are clamped at start-up.
+    remote_fetch_blocks: int = 64
 
     _CHOICES = {
         "codec": ("raw", "int4h"),
@@ -200,37 +204,14 @@ class KVPlugConfig:
                                        "a number of seconds in [0, 3600]"))
         if self.integrity_key is not None and not _INTEGRITY_REF.match(self.integrity_key):
             raise ConfigError(_INTEGRITY_HIDDEN)  # the value may be the secret itself: never echoed
-        self._check_remote()
+        config_remote.check(self)
         # Upper bounds too: a value that passes here must not fail later (a million I/O threads).
         for key, low, high in (("io_threads", 1, 256), ("write_queue_blocks", 1, 1 << 24),
-                               ("min_hit_tokens", 1, 1 << 24), ("remote_queue_blocks", 1, 1 << 20)):
+                               ("min_hit_tokens", 1, 1 << 24)):
             if not low <= getattr(self, key) <= high:
                 raise ConfigError(_message(key, getattr(self, key), f"an integer in [{low}, {high}]"))
         if self.int4h_group > 4096:
             raise ConfigError(_message("int4h_group", self.int4h_group, "0 (whole head) or a power of two <= 4096"))
-
-    def _check_remote(self) -> None:
-        if self.remote_url is not None:
-            try:
-                url = remote_url.parse(self.remote_url)
-            except ValueError as e:
-                shown = "<not shown>" if "@" in self.remote_url else repr(self.remote_url)  # may hold a password
-                raise ConfigError(f"kvplug config: remote_url={shown} is not accepted ({e}); "
-                                  f"expected {remote_url.ACCEPTED}") from None
-            if self.remote_cluster == "off" and len(url.nodes) > 1:
-                raise ConfigError(_message("remote_cluster", self.remote_cluster,
-                                           f"'auto' or 'on': remote_url names {len(url.nodes)} seed nodes"))
-        if self.remote_password is not None and not _INTEGRITY_REF.match(self.remote_password):
-            raise ConfigError(_INTEGRITY_HIDDEN.replace("integrity_key", "remote_password"))
-        if self.remote_username is not None and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,128}", self.remote_username):
-            raise ConfigError(_message("remote_username", self.remote_username,
-                                       "1-128 letters, digits or _ . @ -"))
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.remote_namespace):
-            raise ConfigError(_message("remote_namespace", self.remote_namespace,
-                                       "1-64 letters, digits or _ . - (one per deployment)"))
-        for key, high in (("remote_timeout_s", 60), ("remote_retry_s", 3600)):
-            if not 0 < getattr(self, key) <= high:
-                raise ConfigError(_message(key, getattr(self, key), f"a number of seconds in (0, {high}]"))
 
     # -- builders -----------------------------------------------------------
 

@@ -40,6 +40,8 @@ class RemoteFetch:
         self.done_at = 0.0
         self.found = 0     # leading blocks the server returned, verified
         self.landed = 0    # of those, stored into CPU slots by this fetch
+        self.abandoned = False
+        self._future = None
         self._done = threading.Event()
 
     def done(self) -> bool:
@@ -47,6 +49,12 @@ class RemoteFetch:
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
+
+    def abandon(self) -> None:
+        """Its request goes on without it: not sent if still queued, not landed if it comes back."""
+        self.abandoned = True
+        if self._future is not None:
+            self._future.cancel()  # only a fetch still queued is cancelled; a running one ends on its own
 
     def _finish(self, found: int, landed: int) -> None:
         self.found, self.landed, self.done_at = found, landed, time.monotonic()
@@ -60,15 +68,28 @@ class RemoteTransfers:
         self._remote_origin: set[bytes] = set()  # resident blocks fetched from the server: never written back
         if not config.remote_url:
             return
-        from kvplug.tiers.remote import RemoteTier  # imports redis: only with a remote tier configured
+        # Queued writes pin CPU slots and fetched blocks land in them: each gets at most a quarter of
+        # the slots (fetches in flight together too), so that neither can take the CPU tier from the
+        # requests it serves. The slot count depends on the model's block size, so a larger setting
+        # is clamped here (noted), not refused.
+        from kvplug.tiers.remote import FETCHES_IN_FLIGHT, RemoteTier  # imports redis: only with a remote tier
 
+        quarter = max(1, self.cpu.num_slots // 4)
+        self.remote_fetch_blocks = min(config.remote_fetch_blocks, quarter)
+        fetches = max(1, min(FETCHES_IN_FLIGHT, quarter // self.remote_fetch_blocks))
+        queue_blocks = min(config.remote_queue_blocks, quarter)
+        for key, value, used in (("remote_fetch_blocks", config.remote_fetch_blocks, self.remote_fetch_blocks),
+                                 ("remote_queue_blocks", config.remote_queue_blocks, queue_blocks)):
+            if used < value:
+                log.warning("kvplug store: %s=%d is more than a quarter of the CPU tier's %d slots; using %d",
+                            key, value, self.cpu.num_slots, used)
         self.remote = RemoteTier(
             remote_url.parse(config.remote_url), fingerprint=fingerprint, block_bytes=block_bytes,
             codec=config.codec, namespace=config.remote_namespace,
             cluster={"auto": None, "on": True, "off": False}[config.remote_cluster],
             username=config.remote_username, password=config.remote_secret(), timeout_s=config.remote_timeout_s,
-            retry_s=config.remote_retry_s, queue_blocks=config.remote_queue_blocks,
-            secret=config.integrity_secret())
+            retry_s=config.remote_retry_s, queue_blocks=queue_blocks, secret=config.integrity_secret(),
+            fetches_in_flight=fetches)
 
     # -- writes (hooks called under the store's lock) ----------------------------------------
 
@@ -107,14 +128,18 @@ class RemoteTransfers:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def fetch_remote(self, entries: Sequence[StoreEntry]) -> RemoteFetch:
-        """Fetch these consecutive blocks (a chain: each one's parent the key before it) in the
-        background; the leading ones the server has, verified, land in the CPU tier."""
+    def fetch_remote(self, entries: Sequence[StoreEntry]) -> RemoteFetch | None:
+        """Fetch these consecutive blocks (a chain: each one's parent the key before it; at most
+        ``remote_fetch_blocks``, the rest are not asked for) in the background; the leading ones the
+        server has, verified, land in the CPU tier. None when too many fetches are in flight."""
         from kvplug.tiers.remote import Wanted
 
-        entries = list(entries)
+        entries = list(entries)[:self.remote_fetch_blocks]
         fetch = RemoteFetch(len(entries), self.block_bytes)
         future = self.remote.fetch([Wanted(e.key, e.parent, e.tokens) for e in entries])
+        if future is None:
+            return None
+        fetch._future = future
         future.add_done_callback(partial(self._remote_fetched, entries, fetch))
         return fetch
 
@@ -126,7 +151,10 @@ class RemoteTransfers:
                 if payload is None:
                     break  # a prefix is contiguous: nothing past a missing block is usable
                 found.append((entry, payload))
-            landed = self._land(found) if found and not self._closed else []
+            if fetch.abandoned and found:  # its request went on without it: evict nothing for it
+                with self._lock:
+                    self._stats["remote_abandoned_blocks"] += len(found)
+            landed = self._land(found) if found and not self._closed and not fetch.abandoned else []
         except Exception:
             log.exception("kvplug store: a remote fetch could not be stored")
             found, landed = [], []
@@ -135,11 +163,16 @@ class RemoteTransfers:
     def _land(self, found: list) -> list[bytes]:
         """Store fetched blocks into CPU slots (no slot: that block and the rest are not stored)."""
         slots = self.prepare_store([entry for entry, _ in found])
+        reserved = [entry.key for (entry, _), slot in zip(found, slots) if slot is not None]
         written = []
-        for (entry, payload), slot in zip(found, slots):
-            if slot is not None:
-                self.cpu.write_block(slot, payload)
-                written.append(entry.key)
+        try:
+            for (entry, payload), slot in zip(found, slots):
+                if slot is not None:
+                    self.cpu.write_block(slot, payload)
+                    written.append(entry.key)
+        except Exception:  # the blocks before it land; its slot and the rest's are given back
+            log.exception("kvplug store: a fetched block could not be copied into its CPU slot")
+        self.abort_store(reserved[len(written):])
         with self._lock:
             self._remote_origin.update(written)
             self._stats["remote_promotions"] += len(written)
@@ -152,8 +185,8 @@ class RemoteTransfers:
         if self.remote is None:
             return None
         with self._lock:
-            promotions = self._stats["remote_promotions"]
-        return self.remote.stats() | {"promotions": promotions}
+            promotions, abandoned = self._stats["remote_promotions"], self._stats["remote_abandoned_blocks"]
+        return self.remote.stats() | {"promotions": promotions, "abandoned_blocks": abandoned}
 
     def _close_remote(self, timeout: float) -> None:
         if self.remote is not None:

@@ -75,7 +75,8 @@ def test_remote_settings_are_checked_together():
     assert ok.remote_secret({"PW": "pw"}) == "pw"
     for settings_dict in ({"remote_url": "redis://a:7000,b:7001", "remote_cluster": "off"},
                           {"remote_url": "redis://a:7000,b:7001/3"}, {"remote_namespace": "has space"},
-                          {"remote_timeout_s": 0}, {"remote_queue_blocks": 0}, {"remote_write": "sometimes"}):
+                          {"remote_timeout_s": 0}, {"remote_queue_blocks": 0}, {"remote_write": "sometimes"},
+                          {"remote_fetch_blocks": 0}, {"remote_fetch_blocks": 5000}):
         try:
             KVPlugConfig.load(settings_dict, environ={})
         except ConfigError as e:

@@ -2,14 +2,17 @@
 
 vLLM's scheduler thread never waits on the network. The first time a
 request's local hit (CPU + SSD tiers) stops short of the blocks its prompt
-could hit, the full blocks past it are fetched from the remote tier in one
+could hit, the full blocks past it (at most ``remote_fetch_blocks``, and only
+when they could add ``min_hit_tokens``) are fetched from the remote tier in one
 pipelined round trip on a reader thread (kvplug/store_remote.py), and
 ``get_num_new_matched_tokens`` answers None: "ask again", others run
 meanwhile. The fetched blocks, verified, land in the CPU tier; the next
 lookup finds them there and they load as CPU hits. A fetch that outlives the
-promotion deadline (a slow or unreachable server) is given up: the request
-goes on with its local hit and recomputes the rest, and the policy learns
-how slow the server was. A request waits for the remote at most once.
+promotion deadline (a slow or unreachable server) is given up (cancelled if
+still queued; what it brings back later is not stored): the request goes on
+with its local hit and recomputes the rest, and the policy learns how slow
+the server was. A request waits for the remote at most once, and not at all
+when the store has too many fetches in flight.
 
 Full blocks only: a partial tail is found through the local index, which the
 remote tier does not have (its keys are looked up, never listed).
@@ -61,6 +64,7 @@ class RemoteLookups:
             return None
         # Recomputing would have been faster: the server is no faster than this, for now.
         st.remote = None
+        fetch.abandon()  # not sent if still queued; lands nothing if it comes back
         self.stats.add("remote_timeouts")
         self.policy.observe_timeout("remote", fetch.blocks * self.block_bytes, waited)
         return False
@@ -68,18 +72,25 @@ class RemoteLookups:
     def _start(self, st: RequestState, hit: Hit, num_computed_tokens: int, cap: int) -> bool:
         if st.remote_tried or not self.store.remote.available():
             return False
-        # Every full block of the request's tokens: the one holding the last prompt token too (its
-        # key needs all its tokens; the lookup then takes the hit up to, not including, that token).
-        first, last = max(hit.num_tokens, num_computed_tokens) // self.T, (cap + 1) // self.T
-        tokens = (last - first) * self.T
-        if tokens <= 0 or min(last * self.T, cap) - num_computed_tokens < self.config.min_hit_tokens:
+        # Full blocks past the local hit, up to the one holding the last prompt token (its key needs
+        # all its tokens; the lookup then takes the hit up to, not including, that token), at most
+        # remote_fetch_blocks of them. Worth asking only if they could add min_hit_tokens to the hit.
+        have = max(hit.num_tokens, num_computed_tokens)
+        first = have // self.T
+        last = min((cap + 1) // self.T, first + self.store.remote_fetch_blocks)
+        if last <= first or min(last * self.T, cap) - have < self.config.min_hit_tokens:
             return False
+        tokens = (last - first) * self.T
         st.remote_tried = True
+        entries = [st.entry(i) for i in range(first, last)]
         if not self.policy.should_load(tokens, {"remote": (last - first) * self.block_bytes}):
             self.stats.add("policy_skipped_tokens", tokens)
-            if self.policy.probe_due("remote"):  # has the server recovered? timed in the background:
-                self._probes.append(self.store.fetch_remote([st.entry(i) for i in range(first, last)]))
-            return False                         # this request does not wait for it
-        st.remote = self.store.fetch_remote([st.entry(i) for i in range(first, last)])
+            if self.policy.probe_due("remote") and (probe := self.store.fetch_remote(entries)) is not None:
+                self._probes.append(probe)  # has the server recovered? timed in the background:
+            return False                    # this request does not wait for it
+        st.remote = self.store.fetch_remote(entries)
+        if st.remote is None:  # too many fetches in flight already: go on with the local hit
+            self.stats.add("remote_busy")
+            return False
         self.stats.add("remote_fetches")
         return True

@@ -68,6 +68,8 @@ class SchedulerHalf:
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request, num_computed_tokens)
+        if getattr(request, "skip_reading_prefix_cache", False):
+            return 0, False  # vLLM discards any hit for it: look nothing up, fetch nothing (its KV is still saved)
         if st is None or st.epoch != self.store.epoch or st.phase is LoadPhase.LOADING or st.gave_up:
             return 0, False  # unkeyable, from before a reset, its last load in flight, or it gave up: recompute
         if st.phase is LoadPhase.PLANNED or (st.phase is LoadPhase.PINNED and st.lookup_from != num_computed_tokens):

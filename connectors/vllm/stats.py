@@ -27,6 +27,7 @@ COUNTERS = {
     "remote_fetches": "Lookups that asked the remote tier for blocks the local tiers lack (in the background)",
     "remote_fetched_blocks": "Blocks fetched from the remote tier, verified, into the CPU tier for a lookup",
     "remote_timeouts": "Requests that stopped waiting for a remote fetch and recomputed (slow or unreachable server)",
+    "remote_busy": "Lookups that did not ask the remote tier: too many fetches already in flight",
     "loaded_blocks": "Blocks copied from kvplug into vLLM's KV cache",
     "load_failed_blocks": "Blocks whose load failed in the worker (vLLM recomputes them)",
     "stored_blocks": "Blocks written into kvplug (new keys only)",

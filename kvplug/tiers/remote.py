@@ -8,9 +8,11 @@ garbage), counted by reason.
 
 Nothing here blocks its caller on the network: ``fetch`` runs one pipelined
 round trip (one GET per block; on a cluster one pipeline per node that owns
-some: remote_pipeline.py, a dead node costs only its keys) on a reader thread and returns a future; ``put`` queues a write for the writer
-thread, which sends batches in pipelines, and drops it (counted) when the
-bounded queue is full or the server is down.
+some: remote_pipeline.py, a dead node costs only its keys) on a reader
+thread and returns a future, or None when ``fetches_in_flight`` are queued
+or running already; ``put`` queues a write for the writer thread, which sends
+batches in pipelines, and drops it (counted) when ``queue_blocks`` writes are
+queued or being sent, or the server is down.
 
 The connection is a small state machine:
 
@@ -25,9 +27,9 @@ engine starts whether or not the server is up, and reports ``degraded``.
 
 Client: redis-py with hiredis (the reference client, maintained by Redis,
 speaks to Valkey as well, has a C reply parser and a cluster client,
-``redis.cluster.RedisCluster``, that follows MOVED/ASK and splits pipelines by
-slot owner); valkey-glide would add a Rust core and its own runtime for no
-gain at these request sizes.
+``redis.cluster.RedisCluster``, whose slot map remote_pipeline.py groups keys
+by, following MOVED / ASK itself); valkey-glide would add a Rust core and its
+own runtime for no gain at these request sizes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import concurrent.futures as cf
 import enum
 import logging
 import queue
+import random
 import threading
 import time
 from collections import Counter
@@ -50,6 +53,9 @@ from kvplug.tiers.remote_url import RemoteURL
 log = logging.getLogger("kvplug")
 
 WRITE_BATCH = 16  # records per write pipeline: fewer round trips, bounded memory per batch
+# Most fetches queued or running (on 2 reader threads); past this a request does not wait for the
+# server (fetch answers None): a burst of requests never builds a queue that outlives their deadlines.
+FETCHES_IN_FLIGHT = 8
 
 
 class Wanted(NamedTuple):
@@ -76,19 +82,24 @@ class RemoteTier:
     def __init__(self, url: RemoteURL, *, fingerprint: bytes, block_bytes: int, codec: str,
                  namespace: str = "kvplug", cluster: bool | None = None, username: str | None = None,
                  password: str | None = None, timeout_s: float = 0.5, retry_s: float = 5.0,
-                 queue_blocks: int = 256, secret: bytes | None = None):
+                 queue_blocks: int = 256, secret: bytes | None = None, fetches_in_flight: int = FETCHES_IN_FLIGHT):
         self.url, self.fingerprint, self.block_bytes, self.codec = url, fingerprint, block_bytes, codec
         self.cluster = len(url.nodes) > 1 if cluster is None else cluster
         self._prefix = f"{namespace}:".encode()
         self._auth = {"username": username, "password": password}  # never logged
-        self._timeout_s, self._retry_s, self._secret = timeout_s, retry_s, secret
+        self._timeout_s, self._retry_s = timeout_s, retry_s
+        self._secret = None if secret is None else remote_record.derive_key(secret)  # any length of secret
         self._lock = threading.Lock()
+        self._connecting = threading.Lock()  # one connection attempt at a time (reader and writer threads)
         self._idle = threading.Condition(self._lock)  # no write queued or in flight
-        self._in_flight = 0
+        self._in_flight = 0  # writes queued or being sent: each pins a CPU slot, at most queue_blocks
+        self._queue_blocks = queue_blocks
+        self._fetching, self._max_fetching = 0, fetches_in_flight  # fetches queued or running
+        self._abandon_writes = False  # close() ran out of time: complete what is left unsent
         self._client = None
         self.link, self._retry_at = Link.DOWN, time.monotonic()
         self._counts: Counter = Counter()
-        self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=queue_blocks)
+        self._queue: queue.Queue[_Write | None] = queue.Queue()  # bounded by _in_flight, in put
         self._reader = cf.ThreadPoolExecutor(2, thread_name_prefix="kvplug-remote-read")
         self._nodes = NodePipelines(self.cluster, retry_s)
         self._buffers = [bytearray() for _ in range(WRITE_BATCH)]  # the writer's records, reused
@@ -106,9 +117,25 @@ class RemoteTier:
 
     # -- reads ----------------------------------------------------------------------
 
-    def fetch(self, wanted: Sequence[Wanted]) -> cf.Future:
-        """A future of one payload (a memoryview) or None per block, in order: one round trip."""
-        return self._reader.submit(self._fetch, list(wanted))
+    def fetch(self, wanted: Sequence[Wanted]) -> cf.Future | None:
+        """A future of one payload (a memoryview) or None per block, in order: one round trip.
+        None (nothing asked) when ``fetches_in_flight`` are queued or running already."""
+        with self._lock:
+            if self._fetching >= self._max_fetching or self._closed:
+                self._counts["fetches_refused_busy"] += 1
+                return None
+            self._fetching += 1
+        try:
+            future = self._reader.submit(self._fetch, list(wanted))
+        except RuntimeError:  # closed meanwhile
+            self._fetch_ended(None)
+            return None
+        future.add_done_callback(self._fetch_ended)  # run, failed or cancelled
+        return future
+
+    def _fetch_ended(self, _future) -> None:
+        with self._lock:
+            self._fetching -= 1
 
     def _fetch(self, wanted: list[Wanted]) -> list[memoryview | None]:
         out: list[memoryview | None] = [None] * len(wanted)
@@ -118,13 +145,13 @@ class RemoteTier:
             return out
         names = [self.name(w.key) for w in wanted]
         try:
-            records, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.get(names[i]))
+            records, ran = self._nodes.run(client, names, lambda pipe, i: pipe.get(names[i]))
         except Exception as e:  # refused, timed out, every node down: a miss, and the link is down
             self._failed("fetch", e)
             self._count(fetch_errors=1, miss_blocks=len(wanted))
             return out
         self._up()
-        counts: Counter = Counter(fetches=1, node_errors=nodes_failed)
+        counts: Counter = Counter(fetches=1) + ran
         for i, (w, record) in enumerate(zip(wanted, records)):
             if record is None or isinstance(record, Exception):  # evicted, never stored, or its node failed
                 counts["miss_blocks"] += 1
@@ -149,11 +176,10 @@ class RemoteTier:
             self._count(writes_dropped=1)
             return False
         with self._idle:
-            try:
-                self._queue.put_nowait(_Write(key, parent, tokens, payload, done))
-            except queue.Full:
+            if self._closed or self._in_flight >= self._queue_blocks:  # (closed: no sentinel passed yet)
                 self._counts["writes_dropped"] += 1
                 return False
+            self._queue.put_nowait(_Write(key, parent, tokens, payload, done))
             self._in_flight += 1
             self._counts["writes_queued"] += 1
         return True
@@ -171,7 +197,11 @@ class RemoteTier:
                 stop = item is None
                 if item is not None:
                     batch.append(item)
-            results = self._write(batch) if batch else []
+            if self._abandon_writes:  # close() ran out of time: nothing more goes out
+                self._count(writes_dropped=len(batch))
+                results = [False] * len(batch)
+            else:
+                results = self._write(batch) if batch else []
             for write, ok in zip(batch, results):
                 try:
                     write.done(ok)
@@ -186,20 +216,29 @@ class RemoteTier:
         if client is None:
             self._count(writes_dropped=len(batch))
             return [False] * len(batch)
+        ok, records, sent = [False] * len(batch), [], []
+        for i, (w, buf) in enumerate(zip(batch, self._buffers)):
+            try:
+                records.append(remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens,
+                                                         self.codec, w.payload, self._secret))
+                sent.append(i)
+            except Exception:  # a record that cannot be built is this write's failure, not the server's
+                log.exception("kvplug remote: a record could not be built")
+                self._count(writes_failed=1)
+        if not sent:
+            return ok
+        names = [self.name(batch[i].key) for i in sent]
         try:
-            records = [remote_record.encode_into(buf, self.fingerprint, w.key, w.parent, w.tokens, self.codec,
-                                                 w.payload, self._secret) for w, buf in zip(batch, self._buffers)]
-            names = [self.name(w.key) for w in batch]
-            nbytes = sum(len(r) for r in records)
-            results, nodes_failed = self._nodes.run(client, names, lambda pipe, i: pipe.set(names[i], records[i]))
-        except Exception as e:  # the server failed (or a record could not be built): never the thread
+            results, ran = self._nodes.run(client, names, lambda pipe, j: pipe.set(names[j], records[j]))
+        except Exception as e:  # the server failed: never the thread
             self._failed("write", e)
-            self._count(writes_failed=len(batch))
-            return [False] * len(batch)
+            self._count(writes_failed=len(sent))
+            return ok
         self._up()
-        ok = [not isinstance(r, Exception) for r in results]
-        self._count(writes_done=sum(ok), writes_failed=len(ok) - sum(ok), bytes_written=nbytes,
-                    node_errors=nodes_failed)
+        for i, r in zip(sent, results):
+            ok[i] = not isinstance(r, Exception)
+        done = sum(ok)
+        self._count(writes_done=done, writes_failed=len(sent) - done, bytes_written=sum(map(len, records)), **ran)
         return ok
 
     # -- the link -----------------------------------------------------------------------
@@ -210,7 +249,12 @@ class RemoteTier:
             if self.link is Link.DOWN and time.monotonic() < self._retry_at:
                 return None
             client = self._client
-        if client is None:
+        if client is not None:
+            return client
+        with self._connecting:  # the reader and writer threads would each open a client (one left open)
+            with self._lock:
+                if self._client is not None:
+                    return self._client
             try:
                 client = self._connect()
             except Exception as e:
@@ -239,10 +283,26 @@ class RemoteTier:
         client = self._usable()
         if client is not None:
             try:
-                client.ping()
+                self._ping(client)
                 self._up()
             except Exception as e:
                 self._failed("ping", e)
+
+    def _ping(self, client) -> None:
+        """One node answers. A cluster's primaries are tried in a random order until one does: a
+        cluster with a dead node still serves the others' keys (redis-py's PING asks every node)."""
+        if not self.cluster:
+            client.ping()
+            return
+        nodes = client.get_primaries()
+        random.shuffle(nodes)
+        for node in nodes:
+            try:
+                client.get_redis_connection(node).ping()
+                return
+            except Exception as e:
+                error = e
+        raise error if nodes else ConnectionError("the cluster's slot map names no primary")
 
     def _up(self) -> None:
         with self._lock:
@@ -277,7 +337,7 @@ class RemoteTier:
             link = self.link
         keys = ("fetches", "fetches_skipped_down", "fetch_errors", "hit_blocks", "miss_blocks", "bad_records",
                 "writes_queued", "writes_done", "writes_failed", "writes_dropped", "bytes_read", "bytes_written",
-                "connects", "link_errors", "node_errors")
+                "connects", "link_errors", "node_errors", "redirects", "slot_map_refreshes", "fetches_refused_busy")
         out = {k: counts.get(k, 0) for k in keys}
         out |= {f"bad_{r}": counts.get(f"bad_{r}", 0) for r in remote_record.REASONS}
         out["degraded"] = int(link is Link.DOWN)
@@ -290,16 +350,18 @@ class RemoteTier:
             return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop taking writes, send what is queued (up to ``timeout``), close the connections."""
+        """Stop taking writes and fetches, send what is queued (up to ``timeout``; what is left then
+        completes unsent, ``done(False)``), close the connections."""
         if self._closed:
             return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        try:
-            self._queue.put(None, timeout=timeout)  # after what is queued
-        except queue.Full:
-            log.warning("kvplug remote: writes still queued at close; left behind")
-        self._writer.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)  # after what is queued (the queue itself is unbounded: never blocks)
+        self._writer.join(timeout)
+        if self._writer.is_alive():
+            log.warning("kvplug remote: writes still queued at close; completed unsent")
+            self._abandon_writes = True
+            self._writer.join(self._timeout_s + 1.0)  # a batch being sent ends within the socket timeout
         self._reader.shutdown(wait=True, cancel_futures=True)  # a fetch in flight ends within timeout_s
         if self._client is not None:
             _close_quietly(self._client)

@@ -12,6 +12,8 @@ stay encoded), and a 16-byte checksum over all of it.
 
 The checksum is xxh3-128 (corruption); with an integrity secret it is a keyed
 BLAKE2b-128 MAC, so only holders of the secret can write records others load.
+Its key is derived from the secret (``derive_key``: BLAKE2b's own key is at
+most 64 bytes, a configured secret up to 4096), apart from the SSD tier's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class BadRecord(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def derive_key(secret: bytes) -> bytes:
+    """The MAC key for records: a 32-byte subkey of the configured secret (any length), never the
+    secret itself, and not the SSD tier's (kvplug/tiers/slot_header.py uses another personalisation)."""
+    if not secret:
+        raise ValueError("an integrity key must not be empty")
+    return hashlib.blake2b(secret, digest_size=32, person=b"kvplug.remote.k").digest()
 
 
 def _checksum(parts, secret: bytes | None) -> bytes:

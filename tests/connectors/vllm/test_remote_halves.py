@@ -63,7 +63,14 @@ def test_engine_b_loads_what_engine_a_stored(tmp_path, server, password):
         a = serve_and_store(a_engine, "a", PROMPT)
         assert a_engine.sched.store.remote.flush(5)
         assert a_engine.sched.store.stats()["remote"]["writes_done"] == 3
+        again = a_engine.request("a2", PROMPT)  # block-aligned, all of it a local hit: nothing to fetch
+        assert ask_until_answered(a_engine, again) == (len(PROMPT) - 1, 1)
+        assert a_engine.sched.stats.data["remote_fetches"] == 1  # the cold request's only
 
+        skip = b_engine.request("b0", PROMPT)
+        skip.skip_reading_prefix_cache = True  # vLLM discards any hit for it: nothing to fetch either
+        assert ask_until_answered(b_engine, skip) == (0, 1)
+        assert b_engine.sched.stats.data.get("remote_fetches", 0) == 0
         b = b_engine.request("b", PROMPT)
         n, asked = ask_until_answered(b_engine, b)
         assert asked >= 2 and n == len(PROMPT) - 1  # "ask again" first, then the fetched blocks as CPU hits
