@@ -195,7 +195,7 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
     for name, title in (("ttft", "TTFT p50/p90 per configuration"), ("throughput", "throughput vs concurrency"),
                         ("hits", "where prompt tokens came from")):
         if name in plots:
-            lines.append(f"![{title}]({os.path.relpath(plots[name], base)})")
+            lines.append(f"![{title}]({os.path.relpath(Path(plots[name]).resolve(), base)})")
     return "\n".join(lines)
 
 

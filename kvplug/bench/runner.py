@@ -182,6 +182,7 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
         if doc["status"] != "ok":
             doc["server_log_tail"] = {s.name: s.log_tail(3000) for s in servers}
         doc["load_avg_after"] = environment.load_avg()
+        doc["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         shutil.rmtree(work, ignore_errors=True)
     doc["workload_requests"] = [request_dict(r) for r in workload.requests]
     path.write_text(json.dumps(doc, indent=1))

@@ -131,7 +131,7 @@ def report(args) -> int:
         print(f"kvplug bench report: no results files in {results}; run 'kvplug bench run' first")
         return 2
     plots = rep.plot_all(docs, Path(args.plots) if args.plots else results)
-    table = rep.markdown(docs, plots)
+    table = rep.markdown(docs, plots, Path(args.write).resolve().parent if args.write else Path.cwd())
     print(table)
     if args.write:
         rep.write_readme(Path(args.write), table)
