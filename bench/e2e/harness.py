@@ -1,4 +1,4 @@
-"""What the TTFT bench (bench/e2e/ttft.py) and the demo (examples/demo.py) share.
+"""What the TTFT bench (bench/e2e/ttft.py) and the int4h logprobs check (int4h_logprobs.py) share.
 
 The workload: R rounds; round r has one long prefix P_r and three short
 suffixes, giving prompts A_r = P_r + a_r, B_r = P_r + b_r, C_r = P_r + c_r
