@@ -40,6 +40,10 @@ def vllm_counters(samples: dict[str, float]) -> dict[str, float]:
              "external_prefix_cache_queries": "vllm:external_prefix_cache_queries_total",
              "external_prefix_cache_hits": "vllm:external_prefix_cache_hits_total",
              "requests_success": "vllm:request_success_total"}
+    # where a request's time went, summed over requests (vLLM's histograms): waiting for a slot in the
+    # running batch (queue), computing its prompt (prefill: kvplug's loads included), generating
+    for phase in ("queue", "prefill", "decode"):
+        names[f"{phase}_time_s_sum"] = f"vllm:request_{phase}_time_seconds_sum"
     return {k: samples[v] for k, v in names.items() if v in samples}
 
 

@@ -117,7 +117,8 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
             repeat: int = 1, progress=None, start_timeout: float = 600) -> Path:
     """Run one configuration; write and return its results file (also when it could not run)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{workload.name}-{config.name}-c{concurrency}-{repeat}.json"
+    while (path := out / f"{workload.name}-{config.name}-c{concurrency}-{repeat}.json").exists():
+        repeat += 1  # runs accumulate: a new one never replaces an earlier one
     work = Path(tempfile.mkdtemp(prefix=f"kvplug-bench-{config.name}-"))
     info = model_info(model)
     port = free_port()

@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    help=f"comma-separated, from: {', '.join(CONFIG_NAMES)}")
     r.add_argument("--concurrency", default=None,
                    help="comma-separated concurrencies (default: users for chat, 4 otherwise)")
-    r.add_argument("--repeat", type=int, default=1, help="runs of each configuration (results -1, -2, ...)")
+    r.add_argument("--repeat", type=int, default=1, help="runs of each configuration; results files are numbered "
+                   "-1, -2, ... and never replaced (give --out a new directory for a fresh set)")
     r.add_argument("--model", default="bench", help="'bench' (~88M-parameter synthetic Llama), 'tiny', or a "
                    "model directory")
     r.add_argument("--out", default=DEFAULT_OUT, help="results directory")
