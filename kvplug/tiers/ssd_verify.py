@@ -58,7 +58,7 @@ def verify(path: str, *, drop_bad: bool = False, integrity_key: bytes | None = N
         os.close(lock)
 
 
-def _read_manifest(db: str) -> tuple[dict, list[tuple]]:
+def read_manifest(db: str) -> tuple[dict, list[tuple]]:
     ssd_dir.check_sqlite(db)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -74,7 +74,7 @@ def _verify(path: str, drop_bad: bool, mac_key: bytes | None) -> VerifyReport:
     db = os.path.join(path, ssd_dir.MANIFEST)
     if not os.path.exists(db):
         return report
-    geometry, rows = _read_manifest(db)
+    geometry, rows = read_manifest(db)
     block_bytes, stride, per_segment = (geometry.get(k, 0) for k in ("block_bytes", "slot_stride",
                                                                       "slots_per_segment"))
     report.block_bytes = block_bytes

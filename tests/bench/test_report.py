@@ -31,13 +31,19 @@ def run_doc(config: str, ttft: float, rps: float, concurrency: int = 8, repeat: 
     return doc
 
 
+def timed(doc: dict) -> dict:
+    doc["summary"]["vllm"] = {"queue_time_s_sum": 8.0, "prefill_time_s_sum": 4.0, "decode_time_s_sum": 2.0,
+                              "requests_success": 4.0}
+    return doc
+
+
 @pytest.fixture
 def results(tmp_path):
     d = tmp_path / "results"
     d.mkdir()
     docs = [run_doc("vllm", 4.0, 0.10), run_doc("kvplug-raw", 0.5, 0.30, kv_cpu=30000, kv_ssd=1000),
             run_doc("kvplug-raw", 0.6, 0.32, repeat=2, kv_cpu=30000, kv_ssd=1000),
-            run_doc("vllm", 3.0, 0.20, concurrency=16), run_doc("kvplug-raw", 0.4, 0.50, concurrency=16),
+            run_doc("vllm", 3.0, 0.20, concurrency=16), timed(run_doc("kvplug-raw", 0.4, 0.50, concurrency=16)),
             run_doc("lmcache", 0, 0, status="failed", why="ServerFailed: lmcache server exited (1)\nmore")]
     for i, doc in enumerate(docs):
         (d / f"run{i}.json").write_text(json.dumps(doc))
@@ -64,8 +70,10 @@ def test_report_writes_plots_and_the_readme_table(results, tmp_path, capsys):
     cells = [c.strip() for c in raw[0].strip("|").split("|")]
     assert cells[1:4] == ["0.550", "1.100", "0.14"]
     assert cells[5:7] == ["0.310", "3.10"]
-    assert cells[9] == "30,000 / 1,000"
-    assert cells[11].startswith("2: TTFT 18%, req/s 6%")
+    assert cells[9] == "CPU 30,000 / SSD 1,000"
+    assert cells[10] == "-"  # these runs did not record vLLM's queue/prefill/decode times
+    assert cells[12].startswith("2: TTFT 18%, req/s 6%")
+    assert "| 2.00 / 1.00 / 0.50 |" in text  # mean queue / prefill / decode seconds, from vLLM's histograms
     assert "| lmcache | did not run: ServerFailed: lmcache server exited (1) |" in text
     assert rows  # the table printed is the one written
     assert "kvplug-raw" in capsys.readouterr().out
