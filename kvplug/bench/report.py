@@ -1,9 +1,10 @@
 """``kvplug bench report``: plots and the README table, from the serving bench's results files.
 
 Runs of one (workload, concurrency, configuration) repeated are folded into
-one row: the median of each figure, and the spread (max - min over the
-median) of TTFT p50 and throughput when there is more than one run. Ratios
-are against vLLM alone in the same (workload, concurrency).
+one row: the median of each latency and throughput figure, and the spread
+(max - min over the median) of TTFT p50 and throughput when there is more
+than one run; token counts and vLLM's queue/prefill/decode split come from one
+run. Ratios are against vLLM alone in the same (workload, concurrency).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
                       f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "
                       f"prefill floor {wd['prefill_floor_tokens']:,} tokens.", "",
                   "| configuration | TTFT p50 (s) | TTFT p90 (s) | p50 vs vLLM | ITL p50 (ms) | req/s | vs vLLM "
-                  "| out tok/s | prefill computed | connector hit tokens | queue / prefill / decode (s) "
+                  "| out tok/s | prefill computed | connector hit tokens | queue / prefill / decode (s, latest run) "
                   "| peak RSS (GiB) | runs, spread | load avg |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, runs in by_config.items():

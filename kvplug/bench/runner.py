@@ -109,9 +109,7 @@ def thread_layout(log: str) -> dict:
         return m.group(1) if m else None
 
     return {"worker_core_ids": find(r"core ids=(\[[^\]]*\])"), "reserved_cpus": find(r"reserved_cpus=(\[[^\]]*\])"),
-            "torch_threads": find(r"(Reducing Torch threads from \d+ to \d+)"),
-            "max_num_batched_tokens": find(r"max_num_batched_tokens=(\d+)"),
-            "async_scheduling": find(r"async_scheduling=(\w+)")}
+            "torch_threads": find(r"(Reducing Torch threads from \d+ to \d+)")}
 
 
 def _settled_metrics(url: str, timeout: float = 20) -> dict:
