@@ -37,10 +37,10 @@ def _key(name: str) -> tuple:
 
 
 def groups(docs: list[dict]) -> dict[tuple[str, int], dict[str, list[dict]]]:
-    """{(workload, concurrency): {configuration: [runs]}} in a stable order."""
+    """{("workload on model", concurrency): {configuration: [runs]}} in a stable order."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for d in docs:
-        out[(d["workload"]["name"], d["concurrency"])][d["config"]["name"]].append(d)
+        out[(f"{d['workload']['name']} on {d['model']['name']}", d["concurrency"])][d["config"]["name"]].append(d)
     return {k: dict(sorted(v.items(), key=lambda kv: _key(kv[0]))) for k, v in sorted(out.items())}
 
 
@@ -170,20 +170,19 @@ def _phases(runs: list[dict]) -> str:
 
 def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -> str:
     lines = []
-    any_doc = docs[0]
-    m = any_doc["machine"]
-    model = any_doc["model"]
+    m = docs[0]["machine"]
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; vLLM {m['versions']['vllm']} (CPU), torch "
-                 f"{m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. Model: {model['name']} "
-                 f"({model['layers']} layers, hidden {model['hidden']}, {model['kv_bytes_per_token']:,} KV bytes "
-                 f"per token). Every configuration served by `kvplug serve` with the same thread layout, vLLM "
-                 f"prefix caching on and the same vLLM KV memory; prompts as token ids, greedy, `ignore_eos`.")
+                 f"{m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. Every configuration served by "
+                 f"`kvplug serve` with the same thread layout, vLLM prefix caching on and the same vLLM KV memory; "
+                 f"prompts as token ids, greedy, `ignore_eos`.")
     for (w, c), by_config in groups(docs).items():
         first = next(iter(by_config.values()))[0]
         wd = first["workload"]
         base_runs = by_config.get("vllm", [])
         b50, brps = figure(base_runs, TTFT50), figure(base_runs, RPS)
-        lines += ["", f"**{w}**, concurrency {c}: {wd['requests']} requests, {wd['prompt_tokens']:,} prompt tokens, "
+        model = first["model"]
+        lines += ["", f"**{w}**, concurrency {c} (model: {model['layers']} layers, hidden {model['hidden']}, "
+                      f"{model['kv_bytes_per_token']:,} KV bytes per token): {wd['requests']} requests, {wd['prompt_tokens']:,} prompt tokens, "
                       f"working set {wd['unique_tokens']:,} tokens, vLLM KV {first['sizing']['kv_blocks']} blocks "
                       f"({first['sizing']['kv_blocks'] * 128:,} tokens, "
                       f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "

@@ -117,7 +117,7 @@ def _settled_metrics(url: str, timeout: float = 20) -> dict:
     last = metrics.scrape(url)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        time.sleep(2)
+        time.sleep(1)
         now = metrics.scrape(url)
         if now == last:
             return now
@@ -129,7 +129,7 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
             repeat: int = 1, progress=None, start_timeout: float = 600) -> Path:
     """Run one configuration; write and return its results file (also when it could not run)."""
     out.mkdir(parents=True, exist_ok=True)
-    while (path := out / f"{workload.name}-{config.name}-c{concurrency}-{repeat}.json").exists():
+    while (path := out / f"{workload.name}-{Path(model).name}-{config.name}-c{concurrency}-{repeat}.json").exists():
         repeat += 1  # runs accumulate: a new one never replaces an earlier one
     work = Path(tempfile.mkdtemp(prefix=f"kvplug-bench-{config.name}-"))
     info = model_info(model)

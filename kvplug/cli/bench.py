@@ -112,9 +112,11 @@ def run(args) -> int:
 def _line(path) -> str:
     import json
 
+    from rich.markup import escape
+
     doc = json.loads(path.read_text())
     if doc["status"] != "ok":
-        return f"  {doc['config']['name']}: [red]{doc['status']}[/]: {doc.get('why', '')[:300]} -> {path}"
+        return f"  {doc['config']['name']}: [red]{doc['status']}[/]: {escape(doc.get('why', '')[:300])} -> {path}"
     s = doc["summary"]
     return (f"  {doc['config']['name']}: TTFT p50 {s['ttft_s']['p50']:.3f} s p90 {s['ttft_s']['p90']:.3f} s, "
             f"{s['throughput_rps']:.3f} req/s, {s['output_tok_s']:.1f} out tok/s, prefill computed "

@@ -63,7 +63,8 @@ def test_report_writes_plots_and_the_readme_table(results, tmp_path, capsys):
     assert "old table" not in text and text.endswith("## Next\nkept\n")
     assert "![TTFT p50/p90 per configuration](plots/ttft.png)" in text
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "**chat**, concurrency 8" in text and "**chat**, concurrency 16" in text
+    assert "**chat on bench-s0**, concurrency 8 (model: 12 layers" in text
+    assert "**chat on bench-s0**, concurrency 16" in text
     # two kvplug-raw runs at concurrency 8: medians 0.55 s and 0.31 req/s, their spread, ratios to vLLM alone
     raw = [line for line in text.splitlines() if line.startswith("| kvplug-raw | 0.550")]
     assert len(raw) == 1

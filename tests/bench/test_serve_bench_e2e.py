@@ -19,7 +19,7 @@ def test_bench_run_and_report(tmp_path, capsys):
                "--users", "2", "--rounds", "2", "--system-tokens", "100", "--doc-tokens", "300",
                "--new-min", "100", "--new-max", "150", "--output-tokens", "8", "--out", str(out)])
     assert rc == 0
-    doc = json.loads((out / "chat-kvplug-raw-c2-1.json").read_text())
+    doc = json.loads((out / "chat-tiny-s0-kvplug-raw-c2-1.json").read_text())
     assert doc["status"] == "ok", doc.get("why")
     s = doc["summary"]
     assert (s["requests"], s["failed"]) == (4, 0)
