@@ -4,7 +4,9 @@ Runs of one (workload, concurrency, configuration) repeated are folded into
 one row: the median of each latency and throughput figure, and the spread
 (max - min over the median) of TTFT p50 and throughput when there is more
 than one run; token counts and vLLM's queue/prefill/decode split come from one
-run. Ratios are against vLLM alone in the same (workload, concurrency).
+run. Ratios are against vLLM alone in the same (workload, concurrency), run
+by run: results file -N against vLLM alone's -N (the same session, side by
+side), the median over the pairs.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def figure(runs: list[dict], get) -> float | None:
 def spread(runs: list[dict], get) -> float | None:
     xs = [get(r["summary"]) for r in _ok(runs)]
     return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 and statistics.median(xs) else None
+
+
+def paired_ratio(runs: list[dict], base: list[dict], get) -> float | None:
+    """The median over runs of a figure over the baseline's in the same session (the run with the
+    same number: side by side); a run without such a partner is set against the baseline's median."""
+    by_repeat = {r["repeat"]: r for r in _ok(base)}
+    median = figure(base, get)
+    ratios = []
+    for r in _ok(runs):
+        partner = by_repeat.get(r["repeat"])
+        b = get(partner["summary"]) if partner else median
+        if b:
+            ratios.append(get(r["summary"]) / b)
+    return statistics.median(ratios) if ratios else None
 
 
 def TTFT50(s):
@@ -179,7 +195,6 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
         first = next(iter(by_config.values()))[0]
         wd = first["workload"]
         base_runs = by_config.get("vllm", [])
-        b50, brps = figure(base_runs, TTFT50), figure(base_runs, RPS)
         model = first["model"]
         lines += ["", f"**{w}**, concurrency {c} (model: {model['layers']} layers, hidden {model['hidden']}, "
                       f"{model['kv_bytes_per_token']:,} KV bytes per token): {wd['requests']} requests, {wd['prompt_tokens']:,} prompt tokens, "
@@ -204,8 +219,9 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
             loads = "; ".join(f"{r['load_avg_before'][0]:.1f}-{r['load_avg_after'][0]:.1f}" for r in ok)
             lines.append(
                 f"| {name} | {_f(p50, '.3f')} | {_f(figure(runs, TTFT90), '.3f')} | "
-                f"{_f(p50 / b50 if b50 and p50 else None, '.2f')} | {_f(figure(runs, lambda s: s['itl_s']['p50'] * 1e3), '.1f')} | "
-                f"{_f(rps, '.3f')} | {_f(rps / brps if brps and rps else None, '.2f')} | "
+                f"{_f(paired_ratio(runs, base_runs, TTFT50), '.2f')} | "
+                f"{_f(figure(runs, lambda s: s['itl_s']['p50'] * 1e3), '.1f')} | "
+                f"{_f(rps, '.3f')} | {_f(paired_ratio(runs, base_runs, RPS), '.2f')} | "
                 f"{_f(figure(runs, lambda s: s['output_tok_s']), '.1f')} | "
                 f"{figure(runs, lambda s: s['prefill_tokens_computed']):,.0f} | "
                 f"{_hits(s)} | {_phases(ok)} | "

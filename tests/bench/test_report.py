@@ -91,3 +91,12 @@ def test_hit_shares_add_up_to_one():
 def test_report_without_results_says_what_to_run(tmp_path, capsys):
     assert main(["bench", "report", "--results", str(tmp_path)]) == 2
     assert "run 'kvplug bench run' first" in capsys.readouterr().out
+
+
+def test_ratios_pair_runs_of_one_session():
+    base = [run_doc("vllm", 4.0, 0.10, repeat=1), run_doc("vllm", 2.0, 0.20, repeat=2)]
+    runs = [run_doc("kvplug-raw", 1.0, 0.30, repeat=1), run_doc("kvplug-raw", 1.0, 0.30, repeat=2),
+            run_doc("kvplug-raw", 1.5, 0.30, repeat=3)]  # no partner: against vLLM alone's median (3.0 s)
+    assert report.paired_ratio(runs, base, report.TTFT50) == pytest.approx(0.5)  # of 0.25, 0.5, 0.5
+    assert report.paired_ratio(runs, base, report.RPS) == pytest.approx(2.0)     # of 3, 1.5, 2
+    assert report.paired_ratio(runs, [], report.RPS) is None
