@@ -134,6 +134,7 @@ def plot_all(docs: list[dict], out: Path) -> dict[str, Path]:
                 ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=n)
         ax.set_xlabel("concurrency")
         ax.set_ylabel("requests / s")
+        ax.set_ylim(bottom=0)
         ax.set_title(w)
         ax.legend(fontsize=8)
     fig.tight_layout()

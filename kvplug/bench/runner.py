@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -125,6 +126,17 @@ def _settled_metrics(url: str, timeout: float = 20) -> dict:
     return last
 
 
+def lmcache_command(config: Config, port: int) -> list[str]:
+    """``lmcache server`` for LMCache's multiprocess mode, its L1 as large as kvplug's CPU tier."""
+    exe = shutil.which("lmcache") or str(Path(sys.executable).with_name("lmcache"))
+    if not os.path.exists(exe):
+        raise ServerFailed("the lmcache command is not installed (pip install 'kvplug[lmcache]')")
+    return [exe, "server", "--host", "127.0.0.1", "--port", str(port),
+            "--l1-size-gb", f"{config.lmcache_l1_bytes / 2**30:.3f}", "--chunk-size", "256",
+            "--eviction-policy", "LRU", "--supported-transfer-mode", "auto", "--http-port", str(free_port()),
+            "--disable-observability"]
+
+
 def run_one(config: Config, workload: Workload, concurrency: int, model: str, sizing: Sizing, out: Path,
             repeat: int = 1, progress=None, start_timeout: float = 600) -> Path:
     """Run one configuration; write and return its results file (also when it could not run)."""
@@ -135,9 +147,9 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
     info = model_info(model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    doc = {"bench": "serve", "status": "failed", "config": {"name": config.name, "description": config.description,
-           "kvplug": config.kvplug, "lmcache": config.lmcache,
-                                                     "lmcache_l1_bytes": config.lmcache_l1_bytes},
+    doc = {"bench": "serve", "status": "failed",
+           "config": {"name": config.name, "description": config.description, "kvplug": config.kvplug,
+                      "lmcache": config.lmcache, "lmcache_l1_bytes": config.lmcache_l1_bytes},
            "workload": workload.describe(), "concurrency": concurrency, "repeat": repeat,
            "model": {**info, "name": Path(model).name}, "sizing": sizing.__dict__, "env": ENV,
            "machine": environment.machine(), "code": environment.code_state(Path(__file__).resolve().parents[2]),
@@ -147,17 +159,8 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
         lmcache_port = None
         if config.lmcache:
             lmcache_port = free_port()
-            exe = shutil.which("lmcache") or str(Path(os.sys.executable).with_name("lmcache"))
-            if not os.path.exists(exe):
-                raise ServerFailed("the lmcache command is not installed (pip install 'kvplug[lmcache]')")
-            cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(lmcache_port),
-                   "--l1-size-gb", f"{config.lmcache_l1_bytes / 2**30:.3f}",
-                   "--chunk-size", "256", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto",
-                   "--http-port", str(free_port()),
-                   "--disable-observability"]
-            doc["lmcache_command"] = cmd
-            lm = Server("lmcache server", cmd, work / "lmcache.log", ENV)
-            servers.append(lm)
+            doc["lmcache_command"] = cmd = lmcache_command(config, lmcache_port)
+            servers.append(lm := Server("lmcache server", cmd, work / "lmcache.log", ENV))
             lm.wait_port(lmcache_port, start_timeout)
         cmd = [*kvplug_command(), "serve", model, "--host", "127.0.0.1", "--port", str(port),
                "--served-model-name", MODEL_NAME, "--max-model-len", str(sizing.max_model_len), "--enforce-eager",
