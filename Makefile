@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/kvplug demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

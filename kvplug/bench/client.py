@@ -1,0 +1,94 @@
+"""Drive an OpenAI-compatible server with a workload, streaming, at a fixed concurrency.
+
+Each request is a streamed /v1/completions call with a token-id prompt,
+greedy, ``ignore_eos`` (every configuration generates the same number of
+tokens). Per request: TTFT (send to first streamed token), inter-token
+latency ((last token - first token) / (tokens - 1)), end-to-end time, and
+vLLM's usage (prompt tokens, cached tokens: vLLM's prefix cache plus any
+connector's hit). A request whose ``after`` has not finished waits for it
+(and its think time) before it takes one of the ``concurrency`` slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Callable
+
+from kvplug.bench.workloads import Request
+
+
+async def _one(client, url: str, model: str, req: Request) -> dict:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    out = {"id": req.id, "session": req.session, "turn": req.turn, "prompt_tokens_sent": len(req.prompt)}
+    times: list[float] = []
+    usage = None
+    t0 = time.perf_counter()
+    out["start_s"] = t0
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                out["error"] = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:500]}"
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except Exception as e:  # noqa: BLE001 - a failed request is a result
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    end = time.perf_counter()
+    if not times:
+        out["error"] = "no token streamed"
+        return out
+    tokens = (usage or {}).get("completion_tokens") or len(times)
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    out.update(ttft_s=times[0] - t0, e2e_s=end - t0,
+               itl_s=(times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0,
+               output_tokens=tokens, prompt_tokens=(usage or {}).get("prompt_tokens"),
+               cached_tokens=details.get("cached_tokens"))
+    return out
+
+
+async def _drive(url: str, model: str, requests: list[Request], concurrency: int,
+                 on_done: Callable[[dict], None]) -> list[dict]:
+    import httpx
+
+    slots = asyncio.Semaphore(concurrency)
+    finished = {r.id: asyncio.Event() for r in requests}
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30), limits=limits) as client:
+        async def run(req: Request):
+            if req.after is not None:
+                await finished[req.after].wait()
+                if req.think_s:
+                    await asyncio.sleep(req.think_s)
+            async with slots:
+                res = await _one(client, url, model, req)
+            results.append(res)
+            finished[req.id].set()
+            on_done(res)
+
+        await asyncio.gather(*(run(r) for r in requests))
+    return results
+
+
+def drive(url: str, model: str, requests: list[Request], concurrency: int,
+          on_done: Callable[[dict], None] = lambda r: None) -> tuple[list[dict], float]:
+    """(per-request results in completion order, wall seconds)."""
+    t0 = time.perf_counter()
+    results = asyncio.run(_drive(url, model, requests, concurrency, on_done))
+    wall = time.perf_counter() - t0
+    for r in results:
+        r["start_s"] -= t0
+    return results, wall

@@ -1,0 +1,244 @@
+"""``kvplug bench report``: plots and the README table, from the serving bench's results files.
+
+Runs of one (workload, concurrency, configuration) repeated are folded into
+one row: the median of each latency and throughput figure, and the spread
+(max - min over the median) of TTFT p50 and throughput when there is more
+than one run; token counts and vLLM's queue/prefill/decode split come from one
+run. Ratios are against vLLM alone in the same (workload, concurrency), run
+by run: results file -N against vLLM alone's -N (the same session, side by
+side), the median over the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+START, END = "<!-- kvplug bench report: start -->", "<!-- kvplug bench report: end -->"
+ORDER = ["vllm", "kvplug-raw", "kvplug-int4h", "kvplug-cpu-small", "kvplug-cpu-small-ssd", "lmcache"]
+
+
+def load(results: Path) -> list[dict]:
+    docs = []
+    for f in sorted(results.glob("*.json")):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("bench") == "serve":
+            doc["_file"] = str(f)
+            docs.append(doc)
+    return docs
+
+
+def _key(name: str) -> tuple:
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+
+
+def groups(docs: list[dict]) -> dict[tuple[str, int], dict[str, list[dict]]]:
+    """{("workload on model", concurrency): {configuration: [runs]}} in a stable order."""
+    out: dict = defaultdict(lambda: defaultdict(list))
+    for d in docs:
+        out[(f"{d['workload']['name']} on {d['model']['name']}", d["concurrency"])][d["config"]["name"]].append(d)
+    return {k: dict(sorted(v.items(), key=lambda kv: _key(kv[0]))) for k, v in sorted(out.items())}
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if r["status"] == "ok"]
+
+
+def figure(runs: list[dict], get) -> float | None:
+    xs = [get(r["summary"]) for r in _ok(runs)]
+    return statistics.median(xs) if xs else None
+
+
+def spread(runs: list[dict], get) -> float | None:
+    xs = [get(r["summary"]) for r in _ok(runs)]
+    return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 and statistics.median(xs) else None
+
+
+def paired_ratio(runs: list[dict], base: list[dict], get) -> float | None:
+    """The median over runs of a figure over the baseline's in the same session (the run with the
+    same number: side by side); a run without such a partner is set against the baseline's median."""
+    by_repeat = {r["repeat"]: r for r in _ok(base)}
+    median = figure(base, get)
+    ratios = []
+    for r in _ok(runs):
+        partner = by_repeat.get(r["repeat"])
+        b = get(partner["summary"]) if partner else median
+        if b:
+            ratios.append(get(r["summary"]) / b)
+    return statistics.median(ratios) if ratios else None
+
+
+def TTFT50(s):
+    return s["ttft_s"]["p50"]
+
+
+def TTFT90(s):
+    return s["ttft_s"]["p90"]
+
+
+def RPS(s):
+    return s["throughput_rps"]
+
+
+def hit_shares(s: dict) -> dict[str, float]:
+    """Prompt tokens by where they came from, as fractions of the prompt tokens."""
+    prompt = s["prompt_tokens"] or 1
+    h = s["hit_tokens"]
+    kv = h["kvplug_cpu"] + h["kvplug_ssd"]
+    return {"vLLM prefix cache": h["vllm_prefix_cache"] / prompt, "kvplug CPU": h["kvplug_cpu"] / prompt,
+            "kvplug SSD": h["kvplug_ssd"] / prompt, "LMCache": max(0.0, h["external"] - kv) / prompt,
+            "computed": s["prefill_tokens_computed"] / prompt}
+
+
+def plot_all(docs: list[dict], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    g = groups(docs)
+    paths = {}
+    keys = list(g)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        names = [n for n, runs in g[key].items() if _ok(runs)]
+        p50 = [figure(g[key][n], TTFT50) for n in names]
+        p90 = [figure(g[key][n], TTFT90) for n in names]
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], p50, 0.4, label="p50")
+        ax.bar([i + 0.2 for i in x], p90, 0.4, label="p90")
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("time to first token (s)")
+        ax.set_title(f"{key[0]}, concurrency {key[1]}")
+        ax.legend()
+    fig.tight_layout()
+    paths["ttft"] = out / "ttft.png"
+    fig.savefig(paths["ttft"], dpi=110)
+    plt.close(fig)
+
+    workloads = sorted({w for w, _ in keys})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        names = sorted({n for (wk, _), runs in g.items() if wk == w for n in runs}, key=_key)
+        for n in names:
+            pts = sorted((c, figure(g[(w, c)][n], RPS)) for (wk, c) in keys if wk == w and n in g[(w, c)])
+            pts = [(c, v) for c, v in pts if v is not None]
+            if pts:
+                ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=n)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("requests / s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(w)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["throughput"] = out / "throughput.png"
+    fig.savefig(paths["throughput"], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        names = [n for n, runs in g[key].items() if _ok(runs)]
+        shares = [hit_shares(_ok(g[key][n])[0]["summary"]) for n in names]
+        bottom = [0.0] * len(names)
+        for part in ("vLLM prefix cache", "kvplug CPU", "kvplug SSD", "LMCache", "computed"):
+            vals = [s[part] for s in shares]
+            ax.bar(range(len(names)), vals, 0.6, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("share of prompt tokens")
+        ax.set_title(f"{key[0]}, concurrency {key[1]}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["hits"] = out / "hits.png"
+    fig.savefig(paths["hits"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _hits(s: dict) -> str:
+    """A connector's hit tokens: kvplug's per tier, or another connector's (LMCache) as vLLM counts them."""
+    h = s["hit_tokens"]
+    if h["kvplug_cpu"] or h["kvplug_ssd"]:
+        return f"CPU {h['kvplug_cpu']:,.0f} / SSD {h['kvplug_ssd']:,.0f}"
+    return f"{h['external']:,.0f}" if h["external"] else "-"
+
+
+def _phases(runs: list[dict]) -> str:
+    """Mean seconds a request spent waiting for the running batch, in prefill and in decode (vLLM's own
+    histograms; runs before they were recorded show -)."""
+    runs = [r for r in runs if "queue_time_s_sum" in r["summary"].get("vllm", {})]
+    if not runs:
+        return "-"
+    v = runs[-1]["summary"]["vllm"]
+    n = v.get("requests_success") or 1
+    return " / ".join(f"{v[f'{p}_time_s_sum'] / n:.2f}" for p in ("queue", "prefill", "decode"))
+
+
+def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -> str:
+    lines = []
+    m = docs[0]["machine"]
+    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; vLLM {m['versions']['vllm']} (CPU), torch "
+                 f"{m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. Every configuration served by "
+                 f"`kvplug serve` with the same thread layout, vLLM prefix caching on and the same vLLM KV memory; "
+                 f"prompts as token ids, greedy, `ignore_eos`.")
+    for (w, c), by_config in groups(docs).items():
+        first = next(iter(by_config.values()))[0]
+        wd = first["workload"]
+        base_runs = by_config.get("vllm", [])
+        model = first["model"]
+        lines += ["", f"**{w}**, concurrency {c} (model: {model['layers']} layers, hidden {model['hidden']}, "
+                      f"{model['kv_bytes_per_token']:,} KV bytes per token): {wd['requests']} requests, {wd['prompt_tokens']:,} prompt tokens, "
+                      f"working set {wd['unique_tokens']:,} tokens, vLLM KV {first['sizing']['kv_blocks']} blocks "
+                      f"({first['sizing']['kv_blocks'] * 128:,} tokens, "
+                      f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "
+                      f"prefill floor {wd['prefill_floor_tokens']:,} tokens.", "",
+                  "| configuration | TTFT p50 (s) | TTFT p90 (s) | p50 vs vLLM | ITL p50 (ms) | req/s | vs vLLM "
+                  "| out tok/s | prefill computed | connector hit tokens | queue / prefill / decode (s, latest run) "
+                  "| peak RSS (GiB) | runs, spread | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, runs in by_config.items():
+            ok = _ok(runs)
+            if not ok:
+                why = runs[0].get("why", "").splitlines()[0][:160] if runs[0].get("why") else runs[0]["status"]
+                lines.append(f"| {name} | did not run: {why} |" + " |" * 12)
+                continue
+            p50, rps = figure(runs, TTFT50), figure(runs, RPS)
+            s = ok[0]["summary"]
+            sp = [spread(runs, TTFT50), spread(runs, RPS)]
+            runs_txt = f"{len(ok)}" + (f": TTFT {sp[0]:.0%}, req/s {sp[1]:.0%}" if len(ok) > 1 else "")
+            loads = "; ".join(f"{r['load_avg_before'][0]:.1f}-{r['load_avg_after'][0]:.1f}" for r in ok)
+            lines.append(
+                f"| {name} | {_f(p50, '.3f')} | {_f(figure(runs, TTFT90), '.3f')} | "
+                f"{_f(paired_ratio(runs, base_runs, TTFT50), '.2f')} | "
+                f"{_f(figure(runs, lambda s: s['itl_s']['p50'] * 1e3), '.1f')} | "
+                f"{_f(rps, '.3f')} | {_f(paired_ratio(runs, base_runs, RPS), '.2f')} | "
+                f"{_f(figure(runs, lambda s: s['output_tok_s']), '.1f')} | "
+                f"{figure(runs, lambda s: s['prefill_tokens_computed']):,.0f} | "
+                f"{_hits(s)} | {_phases(ok)} | "
+                f"{statistics.median(r['peak_rss_bytes'] for r in ok) / 2**30:.2f} | {runs_txt} | {loads} |")
+    lines.append("")
+    for name, title in (("ttft", "TTFT p50/p90 per configuration"), ("throughput", "throughput vs concurrency"),
+                        ("hits", "where prompt tokens came from")):
+        if name in plots:
+            lines.append(f"![{title}]({os.path.relpath(Path(plots[name]).resolve(), base)})")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme} has no {START} ... {END} markers (in its Benchmarks section)")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")

@@ -1,0 +1,102 @@
+"""``kvplug bench report``: plots and the README table from a small set of results files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvplug.bench import report
+from kvplug.cli import main
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu", "lmcache": "0.5.6"}}
+MODEL = {"name": "bench-s0", "layers": 12, "hidden": 768, "kv_bytes_per_token": 12288}
+WORKLOAD = {"name": "chat", "requests": 32, "prompt_tokens": 46704, "unique_tokens": 12407,
+            "prefill_floor_tokens": 12407}
+
+
+def run_doc(config: str, ttft: float, rps: float, concurrency: int = 8, repeat: int = 1, kv_cpu: float = 0.0,
+            kv_ssd: float = 0.0, status: str = "ok", why: str | None = None) -> dict:
+    doc = {"bench": "serve", "status": status, "config": {"name": config}, "workload": WORKLOAD,
+           "concurrency": concurrency, "repeat": repeat, "machine": MACHINE, "model": MODEL,
+           "sizing": {"kv_blocks": 30}, "load_avg_before": [2.0, 2, 2], "load_avg_after": [3.0, 3, 3],
+           "peak_rss_bytes": 3 << 30}
+    if status != "ok":
+        return {**doc, "why": why}
+    computed = 46704 - 2000 - kv_cpu - kv_ssd
+    doc["summary"] = {"ttft_s": {"p50": ttft, "p90": 2 * ttft}, "itl_s": {"p50": 0.05}, "throughput_rps": rps,
+                      "output_tok_s": rps * 32, "prompt_tokens": 46704, "prefill_tokens_computed": computed,
+                      "hit_tokens": {"vllm_prefix_cache": 2000.0, "external": kv_cpu + kv_ssd,
+                                     "kvplug_cpu": kv_cpu, "kvplug_ssd": kv_ssd}}
+    return doc
+
+
+def timed(doc: dict) -> dict:
+    doc["summary"]["vllm"] = {"queue_time_s_sum": 8.0, "prefill_time_s_sum": 4.0, "decode_time_s_sum": 2.0,
+                              "requests_success": 4.0}
+    return doc
+
+
+@pytest.fixture
+def results(tmp_path):
+    d = tmp_path / "results"
+    d.mkdir()
+    docs = [run_doc("vllm", 4.0, 0.10), run_doc("kvplug-raw", 0.5, 0.30, kv_cpu=30000, kv_ssd=1000),
+            run_doc("kvplug-raw", 0.6, 0.32, repeat=2, kv_cpu=30000, kv_ssd=1000),
+            run_doc("vllm", 3.0, 0.20, concurrency=16), timed(run_doc("kvplug-raw", 0.4, 0.50, concurrency=16)),
+            run_doc("lmcache", 0, 0, status="failed", why="ServerFailed: lmcache server exited (1)\nmore")]
+    for i, doc in enumerate(docs):
+        (d / f"run{i}.json").write_text(json.dumps(doc))
+    (d / "other.json").write_text(json.dumps({"bench": "something else"}))
+    return d
+
+
+def test_report_writes_plots_and_the_readme_table(results, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Benchmarks\n\n{report.START}\nold table\n{report.END}\n\n## Next\nkept\n")
+    assert main(["bench", "report", "--results", str(results), "--plots", str(tmp_path / "plots"),
+                 "--write", str(readme)]) == 0
+    for name in ("ttft", "throughput", "hits"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("## Next\nkept\n")
+    assert "![TTFT p50/p90 per configuration](plots/ttft.png)" in text
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "**chat on bench-s0**, concurrency 8 (model: 12 layers" in text
+    assert "**chat on bench-s0**, concurrency 16" in text
+    # two kvplug-raw runs at concurrency 8: medians 0.55 s and 0.31 req/s, their spread, ratios to vLLM alone
+    raw = [line for line in text.splitlines() if line.startswith("| kvplug-raw | 0.550")]
+    assert len(raw) == 1
+    cells = [c.strip() for c in raw[0].strip("|").split("|")]
+    assert cells[1:4] == ["0.550", "1.100", "0.14"]
+    assert cells[5:7] == ["0.310", "3.10"]
+    assert cells[9] == "CPU 30,000 / SSD 1,000"
+    assert cells[10] == "-"  # these runs did not record vLLM's queue/prefill/decode times
+    assert cells[12].startswith("2: TTFT 18%, req/s 6%")
+    assert "| 2.00 / 1.00 / 0.50 |" in text  # mean queue / prefill / decode seconds, from vLLM's histograms
+    assert "| lmcache | did not run: ServerFailed: lmcache server exited (1) |" in text
+    assert rows  # the table printed is the one written
+    assert "kvplug-raw" in capsys.readouterr().out
+
+
+def test_hit_shares_add_up_to_one():
+    s = run_doc("kvplug-raw", 0.5, 0.3, kv_cpu=30000, kv_ssd=1000)["summary"]
+    shares = report.hit_shares(s)
+    assert shares["kvplug CPU"] == pytest.approx(30000 / 46704)
+    assert shares["LMCache"] == 0
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_report_without_results_says_what_to_run(tmp_path, capsys):
+    assert main(["bench", "report", "--results", str(tmp_path)]) == 2
+    assert "run 'kvplug bench run' first" in capsys.readouterr().out
+
+
+def test_ratios_pair_runs_of_one_session():
+    base = [run_doc("vllm", 4.0, 0.10, repeat=1), run_doc("vllm", 2.0, 0.20, repeat=2)]
+    runs = [run_doc("kvplug-raw", 1.0, 0.30, repeat=1), run_doc("kvplug-raw", 1.0, 0.30, repeat=2),
+            run_doc("kvplug-raw", 1.5, 0.30, repeat=3)]  # no partner: against vLLM alone's median (3.0 s)
+    assert report.paired_ratio(runs, base, report.TTFT50) == pytest.approx(0.5)  # of 0.25, 0.5, 0.5
+    assert report.paired_ratio(runs, base, report.RPS) == pytest.approx(2.0)     # of 3, 1.5, 2
+    assert report.paired_ratio(runs, [], report.RPS) is None

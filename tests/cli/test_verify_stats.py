@@ -1,0 +1,113 @@
+"""``kvplug verify`` and ``kvplug stats`` on an SSD tier directory, and ``kvplug serve``'s arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvplug.cli import main
+from kvplug.cli.serve import vllm_argv
+from kvplug.tiers.ssd import SSDTier
+from kvplug.tiers.slots import slot_stride
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tiers"))
+from ssd_helpers import BLOCK, FP, block, content, slot  # noqa: E402
+
+N = 6
+
+
+def _store(path: Path, n: int = N, integrity_key: bytes | None = None) -> list[bytes]:
+    keys = []
+    with SSDTier(str(path), 64 * slot_stride(BLOCK), BLOCK, FP, o_direct="off", integrity_key=integrity_key) as t:
+        parent = FP
+        for i in range(n):
+            key, parent, tokens = block(i, parent)
+            assert t.write(key, parent, tokens, slot(fill=content(key))).result(10)
+            keys.append(key)
+            parent = key
+    return keys
+
+
+def _flip(path: Path, slot_no: int, offset: int = 100) -> None:
+    seg = path / "segment-00000.kvs"
+    with open(seg, "r+b") as f:
+        f.seek(slot_no * slot_stride(BLOCK) + offset)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def _report(path: Path, *args: str, capsys) -> tuple[int, dict]:
+    rc = main(["verify", str(path), "--json", *args])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_verify_finds_a_flipped_byte_and_drops_it_only_when_asked(tmp_path, capsys):
+    keys = _store(tmp_path / "ssd")
+    rc, rep = _report(tmp_path / "ssd", capsys=capsys)
+    assert (rc, rep["blocks"], rep["sound"], rep["bad"]) == (0, N, N, 0)
+
+    _flip(tmp_path / "ssd", 2)
+    rc, rep = _report(tmp_path / "ssd", capsys=capsys)
+    assert (rc, rep["blocks"], rep["bad"], rep["problems"]) == (1, N, 1, {"checksum": 1})
+    rc, rep = _report(tmp_path / "ssd", capsys=capsys)  # nothing was changed without --drop-bad
+    assert (rc, rep["blocks"], rep["bad"]) == (1, N, 1)
+
+    rc, rep = _report(tmp_path / "ssd", "--drop-bad", capsys=capsys)
+    assert (rc, rep["dropped"]) == (1, 1)
+    bad_key = bytes.fromhex(rep["bad_keys"][0])
+    rc, rep = _report(tmp_path / "ssd", capsys=capsys)
+    assert (rc, rep["blocks"], rep["sound"]) == (0, N - 1, N - 1)
+    # the tier itself no longer has the dropped block, and still serves the others
+    with SSDTier(str(tmp_path / "ssd"), 64 * slot_stride(BLOCK), BLOCK, FP, o_direct="off") as t:
+        assert not t.contains(bad_key)
+        other = next(k for k in keys if k != bad_key)
+        out = slot()
+        assert t.read(other, out).result(10)
+        assert (out[:BLOCK] == content(other)).all()
+
+
+def test_verify_checks_macs_with_the_key(tmp_path, capsys, monkeypatch):
+    secret = b"s" * 32
+    _store(tmp_path / "ssd", integrity_key=secret)
+    monkeypatch.setenv("KV_SECRET", secret.decode())
+    rc, rep = _report(tmp_path / "ssd", "--integrity-key", "env:KV_SECRET", capsys=capsys)
+    assert (rc, rep["sound"], rep["mac_unchecked"]) == (0, N, 0)
+    monkeypatch.setenv("KV_SECRET", "t" * 32)
+    rc, rep = _report(tmp_path / "ssd", "--integrity-key", "env:KV_SECRET", capsys=capsys)
+    assert (rc, rep["problems"]) == (1, {"mac": N})
+    rc, rep = _report(tmp_path / "ssd", capsys=capsys)  # without the key: checksums only, said so
+    assert (rc, rep["sound"], rep["mac_unchecked"]) == (0, N, N)
+
+
+def test_verify_refuses_a_directory_in_use(tmp_path, capsys):
+    _store(tmp_path / "ssd")
+    with SSDTier(str(tmp_path / "ssd"), 64 * slot_stride(BLOCK), BLOCK, FP, o_direct="off"):
+        assert main(["verify", str(tmp_path / "ssd")]) == 2
+    assert "in use by another process" in capsys.readouterr().out
+
+
+def test_stats_of_an_ssd_directory(tmp_path, capsys):
+    _store(tmp_path / "ssd")
+    assert main(["stats", str(tmp_path / "ssd"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["blocks"], out["block_bytes"], out["bytes"]) == (N, BLOCK, N * BLOCK)
+    assert out["blocks_per_fingerprint"] == {FP.hex()[:16]: N}
+    assert main(["stats", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["m"], ["m", "--kv-connector", "kvplug"]),
+    (["m", "--kvplug-codec", "int4h"], ["m", "--kvplug-codec", "int4h", "--kv-connector", "kvplug"]),
+    (["m", "--kv-connector", "kvplug"], ["m", "--kv-connector", "kvplug"]),
+    (["m", "--kv-transfer-config={}"], ["m", "--kv-transfer-config={}"]),
+    (["m", "--kv-transfer-config", "{}"], ["m", "--kv-transfer-config", "{}"]),
+    (["m", "--without-kvplug"], ["m"]),
+    (["--help"], ["--help"]),
+])
+def test_serve_turns_kvplug_on_unless_told_otherwise(argv, expected):
+    assert vllm_argv(argv) == expected
