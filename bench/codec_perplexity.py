@@ -18,7 +18,7 @@ this interpreter's environment when missing (never by `make test`):
            is kept in the repository.
 The GGUF weights are dequantized to fp32; "exact" is that model.
 
-    python bench/codec_perplexity.py [--windows 4] [--tokens 512] [--models smollm2,qwen2]
+    python bench/codec_perplexity.py [--windows 4] [--tokens 512] [--models smollm2,qwen2] [--restored-prefix P]
         -> bench/results/codec_perplexity.json
 """
 
@@ -87,15 +87,31 @@ def model_files(model: str) -> tuple[str, str, dict]:
 
 
 class KVHook:
-    """An attention function for transformers that codes K and V, then runs SDPA."""
+    """An attention function for transformers that codes K and V, then runs SDPA.
+
+    With ``prefix`` P > 0 (a restored prefix): the first P positions' K and V
+    are the exact ones of a first pass (``captured``, per layer), coded, as a
+    store would hold them; the rest is computed as it comes."""
 
     def __init__(self):
         self.code = None
+        self.prefix = 0
+        self.captured: dict | None = None  # layer -> exact (key, value), or None
+        self.capturing = False
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if self.code is not None:  # [batch, kv_heads, tokens, d] -> the cache's [tokens, kv_heads, d], bf16
+        if self.capturing:
+            self.captured[module.layer_idx] = (key.detach().clone(), value.detach().clone())
+        elif self.prefix:
+            p = self.prefix
+            ek, ev = self.captured[module.layer_idx]
+            k, v = (x[0, :, :p].transpose(0, 1).to(torch.bfloat16) for x in (ek, ev))
+            k, v = self.code(k, v)
+            key = torch.cat((k.transpose(0, 1)[None].to(query.dtype), key[:, :, p:]), dim=2)
+            value = torch.cat((v.transpose(0, 1)[None].to(query.dtype), value[:, :, p:]), dim=2)
+        elif self.code is not None:  # [batch, kv_heads, tokens, d] -> the cache's [tokens, kv_heads, d], bf16
             k, v = (x[0].transpose(0, 1).to(torch.bfloat16) for x in (key, value))
             k, v = self.code(k, v)
             key, value = (x.transpose(0, 1)[None].to(query.dtype) for x in (k, v))
@@ -111,14 +127,30 @@ def windows(tok, n: int, length: int) -> list[torch.Tensor]:
     return [ids[i * step : i * step + length] for i in range(n)]
 
 
-def perplexity(lm, wins) -> float:
-    nll, count = 0.0, 0
+def perplexity(lm, wins, hook: KVHook, captures=None) -> float:
+    """Over every next-token prediction; with a restored prefix P, over those made after it."""
+    nll, count, p = 0.0, 0, hook.prefix
+    with torch.no_grad():
+        for i, w in enumerate(wins):
+            if p:
+                hook.captured = captures[i]
+            logits = lm(w[None], use_cache=False).logits[0, p:-1].float()
+            nll -= torch.log_softmax(logits, -1).gather(1, w[p + 1 :, None]).sum().item()
+            count += len(w) - 1 - p
+    return math.exp(nll / count)
+
+
+def capture(lm, wins, hook: KVHook) -> list[dict]:
+    """Each window's exact K and V, per layer (what a store would have saved)."""
+    out = []
+    hook.capturing = True
     with torch.no_grad():
         for w in wins:
-            logits = lm(w[None], use_cache=False).logits[0, :-1].float()
-            nll -= torch.log_softmax(logits, -1).gather(1, w[1:, None]).sum().item()
-            count += len(w) - 1
-    return math.exp(nll / count)
+            hook.captured = {}
+            lm(w[None], use_cache=False)
+            out.append(hook.captured)
+    hook.capturing = False
+    return out
 
 
 def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
@@ -130,11 +162,12 @@ def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
                                               attn_implementation="kvplug_codec").eval()
     cfg = lm.config
     wins = windows(tok, n, length)
+    captures = capture(lm, wins, hook) if hook.prefix else None
     rows = {}
     for name, block in METHODS:
         hook.code = kv_codecs.method(name, block)
         t0 = time.perf_counter()
-        ppl = perplexity(lm, wins)
+        ppl = perplexity(lm, wins, hook, captures)
         key = name if name not in ("int4kc",) else f"{name}_block{block}"
         rows[key] = {"perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
         print(model, key, rows[key], flush=True)
@@ -143,7 +176,7 @@ def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
         r["vs_exact_pct"] = round(100 * (r["perplexity"] / exact - 1), 3)
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     info.update(layers=cfg.num_hidden_layers, kv_heads=cfg.num_key_value_heads, head_size=head,
-                windows=n, tokens_per_window=length, scored_tokens=n * (length - 1))
+                windows=n, tokens_per_window=length, scored_tokens=n * (length - 1 - hook.prefix))
     return {"model": info, "methods": rows}
 
 
@@ -152,12 +185,16 @@ def main() -> dict:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--models", default="smollm2,qwen2")
+    ap.add_argument("--restored-prefix", type=int, default=0,
+                    help="P > 0: only the first P tokens' K/V are coded (exact ones, as saved), predictions "
+                         "after them scored -> codec_perplexity_prefix.json")
     args = ap.parse_args()
     models = args.models.split(",")
     ensure_installed(models)
     from transformers import AttentionInterface
 
     hook = KVHook()
+    hook.prefix = args.restored_prefix
     AttentionInterface.register("kvplug_codec", hook)
     load = open("/proc/loadavg").read().split()[:3]
     result = {"models": {m: run_model(m, hook, args.windows, args.tokens) for m in models}}
@@ -171,8 +208,14 @@ def main() -> dict:
         "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
                    f"load average at start {' '.join(load)}",
     }
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    if hook.prefix:
+        result["notes"]["method"] = (
+            f"restored prefix: each window's first {hook.prefix} tokens' K/V are the exact ones of a first pass "
+            "(what a store saves), coded and restored; the rest is computed with them; perplexity over the "
+            "predictions made after the prefix")
+    out = OUT.with_name("codec_perplexity_prefix.json") if hook.prefix else OUT
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
