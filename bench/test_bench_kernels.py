@@ -1,4 +1,4 @@
-"""Kernel throughput on a GPU: int4h encode/decode and raw gather beside a plain copy.
+"""Kernel throughput on a GPU: int4h and int4kc encode/decode and raw gather beside a plain copy.
 
 Real-model shape, one layer: 16-token blocks, 8 KV heads, head 128, bf16,
 4096 of 8192 cache blocks in random order. Throughput counts the bf16 KV
@@ -35,7 +35,10 @@ def setup():
     enc = torch.empty(N, int4h.layer_bytes, dtype=torch.uint8, device="cuda")
     rawbuf = torch.empty(N, raw.layer_bytes, dtype=torch.uint8, device="cuda")
     int4h.encode(view, ids, enc)
-    yield dict(view=view, ids=ids, int4h=int4h, raw=raw, enc=enc, rawbuf=rawbuf,
+    int4kc = get_codec("int4kc", lay)
+    enc_kc = torch.empty(N, int4kc.layer_bytes, dtype=torch.uint8, device="cuda")
+    int4kc.encode(view, ids, enc_kc)
+    yield dict(view=view, ids=ids, int4h=int4h, raw=raw, enc=enc, rawbuf=rawbuf, int4kc=int4kc, enc_kc=enc_kc,
                src=torch.randn(N * raw.layer_bytes // 2, device="cuda", dtype=torch.bfloat16))
     _write_results()
 
@@ -67,6 +70,18 @@ def test_decode(benchmark, setup):
     _gbps(benchmark, "decode", lambda: s["int4h"].decode(s["enc"], s["view"], s["ids"]), N * s["raw"].layer_bytes)
 
 
+def test_int4kc_encode(benchmark, setup):
+    s = setup
+    _gbps(benchmark, "int4kc_encode", lambda: s["int4kc"].encode(s["view"], s["ids"], s["enc_kc"]),
+          N * s["raw"].layer_bytes)
+
+
+def test_int4kc_decode(benchmark, setup):
+    s = setup
+    _gbps(benchmark, "int4kc_decode", lambda: s["int4kc"].decode(s["enc_kc"], s["view"], s["ids"]),
+          N * s["raw"].layer_bytes)
+
+
 def test_raw_gather(benchmark, setup):
     s = setup
     _gbps(benchmark, "raw_gather", lambda: s["raw"].encode(s["view"], s["ids"], s["rawbuf"]), N * s["raw"].layer_bytes)
@@ -87,7 +102,7 @@ def _write_results():
                      "dtype": "bfloat16", "bytes_per_op": N * 2 * T * H * D * 2},
            "note": "GB/s of bf16 KV handled (same bytes as the copy); copy = device-to-device copy_ of those bytes",
            "copy_gbps": round(copy, 1)}
-    for k in ("encode", "decode", "raw_gather", "raw_scatter"):
+    for k in ("encode", "decode", "int4kc_encode", "int4kc_decode", "raw_gather", "raw_scatter"):
         if k in _measured:
             out[f"{k}_gbps"] = round(_measured[k], 1)
             out[f"{k}_ratio"] = round(_measured[k] / copy, 3)

@@ -1,6 +1,6 @@
 """Codecs: one layer of KV blocks <-> one row of bytes per block.
 
-``get_codec("raw" | "int4h", layout, group)`` returns a Codec. ``encode``
+``get_codec("raw" | "int4h" | "int4kc", layout, group)`` returns a Codec. ``encode``
 gathers blocks from a paged view (``kvplug.layout.paged_view``: [num_blocks,
 2, T, H, D], any strides) into rows of a uint8 buffer; ``decode`` scatters
 rows back. On CUDA tensors the fused Triton kernels run (imported on first
@@ -12,6 +12,8 @@ Encoded layout of one layer of one block (T tokens, H heads, D head size):
   int4h  codes uint8 [2, T, H, D/2] (even index in the low nibble),
          then scales fp16 [2, T, H, NG], then zeros fp16 [2, T, H, NG],
          NG = D / group; value = code * scale + zero in the Hadamard domain.
+  int4kc keys 4-bit per channel over the block's tokens (fp16 scale and zero
+         per channel), values as int4h: layout in ``codec_int4kc``.
 See ``codec_reference`` for the arithmetic and non-finite inputs (NaN/Inf
 decode to NaN over the Hadamard block and groups that hold them).
 """
@@ -22,10 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvplug import codec_int4kc as kc
 from kvplug import codec_reference as ref
 from kvplug.layout import KVLayout
 
-CODECS = ("raw", "int4h")
+CODECS = ("raw", "int4h", "int4kc")
 FORMAT_VERSION = 1
 
 
@@ -33,7 +36,7 @@ FORMAT_VERSION = 1
 class Codec:
     name: str
     layout: KVLayout
-    group: int = 0  # int4h quantization group (values per scale/zero); resolved, never 0
+    group: int = 0  # int4h (int4kc: V) quantization group (values per scale/zero); resolved, never 0
 
     @property
     def layer_bytes(self) -> int:
@@ -41,6 +44,8 @@ class Codec:
         lay = self.layout
         if self.name == "raw":
             return lay.raw_layer_bytes()
+        if self.name == "int4kc":
+            return kc.layer_bytes(lay.block_tokens, lay.num_kv_heads, lay.head_size, self.group)
         return ref.int4h_layer_bytes(lay.block_tokens, lay.num_kv_heads, lay.head_size, self.group)
 
     @property
@@ -51,6 +56,9 @@ class Codec:
         d = {"name": self.name, "format_version": FORMAT_VERSION}
         if self.name == "int4h":
             d.update(group=self.group, hadamard_block=ref.hadamard_block(self.layout.head_size))
+        elif self.name == "int4kc":
+            d.update(key_group="block", value_group=self.group,
+                     value_hadamard_block=ref.hadamard_block(self.layout.head_size))
         return d
 
     def encode(self, kv_view: torch.Tensor, block_ids, out: torch.Tensor) -> None:
@@ -61,6 +69,8 @@ class Codec:
         if not kv_view.is_cuda:
             if self.name == "raw":
                 ref.raw_gather(kv_view, ids, out)
+            elif self.name == "int4kc":
+                kc.encode(kv_view, ids, out, self.group)
             else:
                 ref.int4h_encode(kv_view, ids, out, self.group)
             return
@@ -80,6 +90,8 @@ class Codec:
         if not kv_view.is_cuda:
             if self.name == "raw":
                 ref.raw_scatter(src, kv_view, ids)
+            elif self.name == "int4kc":
+                kc.decode(src, kv_view, ids, self.group)
             else:
                 ref.int4h_decode(src, kv_view, ids, self.group)
             return
@@ -93,6 +105,9 @@ class Codec:
         if self.name == "raw":
             from kvplug.triton_kernels.paged_copy import paged_gather
             paged_gather(kv, ids, out)
+        elif self.name == "int4kc":
+            from kvplug.triton_kernels.int4kc_encode import int4kc_encode
+            int4kc_encode(kv, ids, out, self.group)
         else:
             from kvplug.triton_kernels.int4h_encode import int4h_encode
             int4h_encode(kv, ids, out, self.group)
@@ -101,6 +116,9 @@ class Codec:
         if self.name == "raw":
             from kvplug.triton_kernels.paged_copy import paged_scatter
             paged_scatter(src, kv, ids)
+        elif self.name == "int4kc":
+            from kvplug.triton_kernels.int4kc_decode import int4kc_decode
+            int4kc_decode(src, kv, ids, self.group)
         else:
             from kvplug.triton_kernels.int4h_decode import int4h_decode
             int4h_decode(src, kv, ids, self.group)
@@ -141,7 +159,7 @@ def _device_rows(buf: torch.Tensor, device: torch.device, row_bytes: int):
 
 
 def get_codec(name: str, layout: KVLayout, group: int = 0) -> Codec:
-    """A codec for one layout. ``group`` (int4h only): values per scale/zero; 0 = head_size."""
+    """A codec for one layout. ``group`` (int4h; int4kc's values): values per scale/zero; 0 = head_size."""
     if name not in CODECS:
         raise ValueError(f"codec {name!r} is not supported; expected one of {list(CODECS)}")
     if name == "raw":
@@ -149,5 +167,5 @@ def get_codec(name: str, layout: KVLayout, group: int = 0) -> Codec:
             raise ValueError(f"codec 'raw' takes no group, got group={group}")
         return Codec("raw", layout, 0)
     if layout.head_size % 2:
-        raise ValueError(f"codec 'int4h' needs an even head_size, got {layout.head_size}")
-    return Codec("int4h", layout, ref.check_group(layout.head_size, group))
+        raise ValueError(f"codec {name!r} needs an even head_size, got {layout.head_size}")
+    return Codec(name, layout, ref.check_group(layout.head_size, group))

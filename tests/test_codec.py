@@ -131,3 +131,65 @@ def test_non_finite_poisons_only_its_hadamard_block():
     assert not torch.isinf(out).any()
     fin = ~nan
     assert ((out[1].float() - view[1].float())[fin].norm() / view[1].float()[fin].norm()) < 0.12
+
+
+def test_int4kc_sizes_and_compression():
+    def ratio(t, d):
+        lay = KVLayout(1, 8, d, t, "bfloat16")
+        return get_codec("raw", lay).layer_bytes / get_codec("int4kc", lay).layer_bytes
+
+    lay = KVLayout(2, 8, 128, 128, "bfloat16")
+    q = get_codec("int4kc", lay)
+    assert q.layer_bytes == 128 * 8 * 128 + 4 * 8 * 128 + 4 * 128 * 8  # codes, K per channel, V per token
+    assert ratio(128, 128) >= 3.7 and ratio(256, 256) >= 3.8 and ratio(16, 128) < 3.2  # per-block cost
+    assert q.describe() == {"name": "int4kc", "format_version": 1, "key_group": "block", "value_group": 128,
+                            "value_hadamard_block": 128}
+    with pytest.raises(ValueError, match="even head_size"):
+        get_codec("int4kc", KVLayout(1, 2, 63, 4))
+
+
+@pytest.mark.parametrize("kind", ["nb_2", "cpu_packed", "gpu_nhd"])
+def test_int4kc_round_trip_keeps_key_offsets(kind):
+    lay = KVLayout(1, 2, 64, 16)
+    codec = get_codec("int4kc", lay)
+    kv, view = paged(kind, 3, lay)
+    view[:, 0, :, :, 5] += 300.0  # a key bias: int4h's per-token code loses the rest to it
+    ids = [2, 0]
+    buf = torch.zeros(2, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, ids, buf)
+    _, out = paged(kind, 3, lay, seed=1)
+    codec.decode(buf, out, ids)
+    others = [c for c in range(64) if c != 5]
+
+    def key_error(decoded):  # over the unbiased channels, relative to their own norm
+        return ((decoded[ids, 0] - view[ids, 0]).float()[..., others].norm()
+                / view[ids, 0].float()[..., others].norm())
+
+    assert 0.03 < key_error(out) < 0.1  # 4-bit over 16 tokens of each channel
+    h = get_codec("int4h", lay)
+    hbuf = torch.zeros(2, h.layer_bytes, dtype=torch.uint8)
+    h.encode(view, ids, hbuf)
+    _, hout = paged(kind, 3, lay, seed=1)
+    h.decode(hbuf, hout, ids)
+    assert key_error(hout) > 0.5  # the per-token code spends its levels on the bias
+    v_err = (out[ids, 1] - view[ids, 1]).float().norm() / view[ids, 1].float().norm()
+    assert 0.03 < v_err < 0.12
+
+
+def test_int4kc_chunks_match_one_pass(monkeypatch):
+    lay = KVLayout(1, 2, 64, 4)
+    codec = get_codec("int4kc", lay)
+    _, view = paged("2_nb", 9, lay)
+    ids = torch.tensor([8, 0, 3, 5, 1, 7, 2])
+    whole = torch.zeros(7, codec.layer_bytes, dtype=torch.uint8)
+    codec.encode(view, ids, whole)
+    monkeypatch.setattr(ref, "CHUNK_ELEMS", 2 * 2 * 4 * 2 * 64)  # two blocks a chunk
+    chunked = torch.zeros_like(whole)
+    codec.encode(view, ids, chunked)
+    assert torch.equal(chunked, whole)
+    _, a = paged("2_nb", 9, lay, seed=2)
+    _, b = paged("2_nb", 9, lay, seed=2)
+    codec.decode(chunked, a, ids)
+    monkeypatch.setattr(ref, "CHUNK_ELEMS", 1 << 22)
+    codec.decode(whole, b, ids)
+    assert torch.equal(a, b)

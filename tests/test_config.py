@@ -31,7 +31,8 @@ def test_bad_choice_names_key_value_and_accepted():
     with pytest.raises(ConfigError) as e:
         KVPlugConfig.from_dict({"codec": "zstd"})
     msg = str(e.value)
-    assert "codec" in msg and "'zstd'" in msg and "'raw'" in msg and "'int4h'" in msg
+    assert "codec" in msg and "'zstd'" in msg and "'raw'" in msg and "'int4h'" in msg and "'int4kc'" in msg
+    assert KVPlugConfig.from_dict({"codec": "int4kc", "int4h_group": 32}).codec == "int4kc"
 
 
 def test_bad_size_names_key_and_format():

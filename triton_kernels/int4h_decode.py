@@ -30,9 +30,10 @@ def _int4h_decode_kernel(
     s_blk, s_kv, s_tok, s_head, s_dim, src_row_stride,
     H: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     G: tl.constexpr, NG: tl.constexpr, LOG2_HB: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr,
+    KV0: tl.constexpr, META_OFF: tl.constexpr, META_ROWS: tl.constexpr,
 ):
     i = tl.program_id(0)
-    kv = tl.program_id(1)
+    kv = KV0 + tl.program_id(1)  # K and V (int4h), or V alone (int4kc)
     r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < ROWS
     src_row = src_ptr + i.to(tl.int64) * src_row_stride
@@ -44,10 +45,10 @@ def _int4h_decode_kernel(
 
     g = tl.arange(0, DP // G)
     gmask = rmask[:, None] & (g[None, :] < NG)
-    meta = (src_row + ROWS * D).to(tl.pointer_type(tl.float16))
-    meta_off = (kv * ROWS + r)[:, None] * NG + g[None, :]
+    meta = (src_row + META_OFF).to(tl.pointer_type(tl.float16))
+    meta_off = ((kv - KV0) * ROWS + r)[:, None] * NG + g[None, :]
     s = tl.load(meta + meta_off, mask=gmask, other=0.0).to(tl.float32)
-    z = tl.load(meta + 2 * ROWS * NG + meta_off, mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(meta + META_ROWS * NG + meta_off, mask=gmask, other=0.0).to(tl.float32)
     y = tl.reshape(q * s[:, :, None] + z[:, :, None], (BLOCK_R, DP))
     x = fwht_tile(y, LOG2_HB, DP) * NORM
 
@@ -62,11 +63,16 @@ def _int4h_decode_kernel(
 
 def int4h_decode(src: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor, group: int = 0) -> None:
     """Decode src uint8 [n, layer_bytes] into blocks ``block_ids`` (int64, on kv's device) of kv."""
-    n = block_ids.numel()
-    if n == 0:
+    if block_ids.numel() == 0:
         return
     check_encoded(src, kv)
+    decode_rows(src, kv, block_ids, group, kv0=0, meta_off=kv.shape[2] * kv.shape[3] * kv.shape[4])
+
+
+def decode_rows(src, kv, block_ids, group: int, kv0: int, meta_off: int) -> None:
+    """The reverse of int4h_encode.encode_rows: K and V (kv0=0) or V alone (kv0=1)."""
     p = launch_params(kv, group)
-    grid = (n, 2, triton.cdiv(p["ROWS"], p["BLOCK_R"]))
+    grid = (block_ids.numel(), 2 - kv0, triton.cdiv(p["ROWS"], p["BLOCK_R"]))
     # no FMA contraction: q * scale + zero rounds twice, as in the torch reference
-    _int4h_decode_kernel[grid](src, block_ids, kv, *kv.stride(), src.stride(0), **p, enable_fp_fusion=False)
+    _int4h_decode_kernel[grid](src, block_ids, kv, *kv.stride(), src.stride(0), **p, KV0=kv0,
+                               META_OFF=meta_off, META_ROWS=(2 - kv0) * p["ROWS"], enable_fp_fusion=False)

