@@ -5,8 +5,11 @@ one row: the median of each latency and throughput figure, and the spread
 (max - min over the median) of TTFT p50 and throughput when there is more
 than one run; token counts and vLLM's queue/prefill/decode split come from one
 run. Ratios are against vLLM alone in the same (workload, concurrency), run
-by run: results file -N against vLLM alone's -N (the same session, side by
-side), the median over the pairs.
+by run: a run against vLLM alone's run of the same ``kvplug bench run``
+session and repeat (side by side), the median over the pairs. Results files
+from before sessions were recorded are paired by file number (-N against -N)
+and marked †; a run with no partner is set against vLLM alone's median,
+marked ‡.
 """
 
 from __future__ import annotations
@@ -60,14 +63,29 @@ def spread(runs: list[dict], get) -> float | None:
     return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 and statistics.median(xs) else None
 
 
+def _pair_key(r: dict):
+    """(session id, repeat in it); results files without a session: ("file", N)."""
+    s = r.get("session")
+    return (s["id"], s["rep"]) if s else ("file", r["repeat"])
+
+
+def pairing(runs: list[dict], base: list[dict]) -> str:
+    """How ``paired_ratio`` pairs these runs: "" (every one by session), "†" (some by file number,
+    from before sessions were recorded), "‡" (some without a partner: against the median)."""
+    keys = {_pair_key(b) for b in _ok(base)}
+    marks = {"" if _pair_key(r) in keys and "session" in r else "†" if _pair_key(r) in keys else "‡"
+             for r in _ok(runs)} if keys else {""}
+    return "".join(m for m in ("†", "‡") if m in marks)
+
+
 def paired_ratio(runs: list[dict], base: list[dict], get) -> float | None:
-    """The median over runs of a figure over the baseline's in the same session (the run with the
-    same number: side by side); a run without such a partner is set against the baseline's median."""
-    by_repeat = {r["repeat"]: r for r in _ok(base)}
+    """The median over runs of a figure over the baseline's in the same session and repeat (side by
+    side); a run without such a partner is set against the baseline's median."""
+    by_key = {_pair_key(r): r for r in _ok(base)}
     median = figure(base, get)
     ratios = []
     for r in _ok(runs):
-        partner = by_repeat.get(r["repeat"])
+        partner = by_key.get(_pair_key(r))
         b = get(partner["summary"]) if partner else median
         if b:
             ratios.append(get(r["summary"]) / b)
@@ -186,7 +204,7 @@ def _phases(runs: list[dict]) -> str:
 
 
 def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -> str:
-    lines = []
+    lines, marks = [], set()
     m = docs[0]["machine"]
     lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; vLLM {m['versions']['vllm']} (CPU), torch "
                  f"{m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. Every configuration served by "
@@ -214,20 +232,29 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
                 lines.append(f"| {name} | did not run: {why} |" + " |" * 12)
                 continue
             p50, rps = figure(runs, TTFT50), figure(runs, RPS)
+            mark = pairing(runs, base_runs) if name != "vllm" else ""
+            marks |= set(mark)
             s = ok[0]["summary"]
             sp = [spread(runs, TTFT50), spread(runs, RPS)]
             runs_txt = f"{len(ok)}" + (f": TTFT {sp[0]:.0%}, req/s {sp[1]:.0%}" if len(ok) > 1 else "")
             loads = "; ".join(f"{r['load_avg_before'][0]:.1f}-{r['load_avg_after'][0]:.1f}" for r in ok)
             lines.append(
                 f"| {name} | {_f(p50, '.3f')} | {_f(figure(runs, TTFT90), '.3f')} | "
-                f"{_f(paired_ratio(runs, base_runs, TTFT50), '.2f')} | "
+                f"{_f(paired_ratio(runs, base_runs, TTFT50), '.2f')}{mark} | "
                 f"{_f(figure(runs, lambda s: s['itl_s']['p50'] * 1e3), '.1f')} | "
-                f"{_f(rps, '.3f')} | {_f(paired_ratio(runs, base_runs, RPS), '.2f')} | "
+                f"{_f(rps, '.3f')} | {_f(paired_ratio(runs, base_runs, RPS), '.2f')}{mark} | "
                 f"{_f(figure(runs, lambda s: s['output_tok_s']), '.1f')} | "
                 f"{figure(runs, lambda s: s['prefill_tokens_computed']):,.0f} | "
                 f"{_hits(s)} | {_phases(ok)} | "
                 f"{statistics.median(r['peak_rss_bytes'] for r in ok) / 2**30:.2f} | {runs_txt} | {loads} |")
     lines.append("")
+    if "†" in marks:
+        lines.append("† paired with vLLM alone by results file number (-N with -N): these files predate session "
+                     "ids, so the report cannot tell whether the pair ran side by side.")
+    if "‡" in marks:
+        lines.append("‡ no vLLM-alone run in the same session: against vLLM alone's median over its runs.")
+    if marks:
+        lines.append("")
     for name, title in (("ttft", "TTFT p50/p90 per configuration"), ("throughput", "throughput vs concurrency"),
                         ("hits", "where prompt tokens came from")):
         if name in plots:

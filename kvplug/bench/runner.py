@@ -126,6 +126,13 @@ def _settled_metrics(url: str, timeout: float = 20) -> dict:
     return last
 
 
+def new_session() -> dict:
+    """One ``kvplug bench run`` invocation: every results file it writes carries this id and start time."""
+    import uuid
+
+    return {"id": uuid.uuid4().hex[:12], "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def lmcache_command(config: Config, port: int) -> list[str]:
     """``lmcache server`` for LMCache's multiprocess mode, its L1 as large as kvplug's CPU tier."""
     exe = shutil.which("lmcache") or str(Path(sys.executable).with_name("lmcache"))
@@ -138,16 +145,20 @@ def lmcache_command(config: Config, port: int) -> list[str]:
 
 
 def run_one(config: Config, workload: Workload, concurrency: int, model: str, sizing: Sizing, out: Path,
-            repeat: int = 1, progress=None, start_timeout: float = 600) -> Path:
-    """Run one configuration; write and return its results file (also when it could not run)."""
+            repeat: int = 1, progress=None, start_timeout: float = 600, session: dict | None = None) -> Path:
+    """Run one configuration; write and return its results file (also when it could not run).
+
+    ``session``: the ``kvplug bench run`` invocation (``new_session()``) and ``rep``, its repeat within it;
+    the report sets a run against vLLM alone's run of the same session and rep, never by file number."""
     out.mkdir(parents=True, exist_ok=True)
+    rep = repeat
     while (path := out / f"{workload.name}-{Path(model).name}-{config.name}-c{concurrency}-{repeat}.json").exists():
         repeat += 1  # runs accumulate: a new one never replaces an earlier one
     work = Path(tempfile.mkdtemp(prefix=f"kvplug-bench-{config.name}-"))
     info = model_info(model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    doc = {"bench": "serve", "status": "failed",
+    doc = {"bench": "serve", "status": "failed", "session": {**(session or new_session()), "rep": rep},
            "config": {"name": config.name, "description": config.description, "kvplug": config.kvplug,
                       "lmcache": config.lmcache, "lmcache_l1_bytes": config.lmcache_l1_bytes},
            "workload": workload.describe(), "concurrency": concurrency, "repeat": repeat,

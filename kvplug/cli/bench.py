@@ -99,12 +99,14 @@ def run(args) -> int:
                   f"working set {d['unique_tokens']:,} tokens ({ws / 2**20:.0f} MiB of KV); vLLM KV "
                   f"{sizing.kv_blocks} blocks ({sizing.kv_blocks * runner.BLOCK:,} tokens); model {model}")
     out = Path(args.out)
+    session = runner.new_session()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for rep in range(1, args.repeat + 1):
             for c in concurrencies:
                 for name in names:
-                    path = runner.run_one(configs[name], workload, c, model, sizing, out, rep, progress)
+                    path = runner.run_one(configs[name], workload, c, model, sizing, out, rep, progress,
+                                            session=session)
                     console.print(_line(path))
     return 0
 

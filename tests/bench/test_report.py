@@ -16,11 +16,13 @@ WORKLOAD = {"name": "chat", "requests": 32, "prompt_tokens": 46704, "unique_toke
 
 
 def run_doc(config: str, ttft: float, rps: float, concurrency: int = 8, repeat: int = 1, kv_cpu: float = 0.0,
-            kv_ssd: float = 0.0, status: str = "ok", why: str | None = None) -> dict:
+            kv_ssd: float = 0.0, status: str = "ok", why: str | None = None, session: str | None = "s1") -> dict:
     doc = {"bench": "serve", "status": status, "config": {"name": config}, "workload": WORKLOAD,
            "concurrency": concurrency, "repeat": repeat, "machine": MACHINE, "model": MODEL,
            "sizing": {"kv_blocks": 30}, "load_avg_before": [2.0, 2, 2], "load_avg_after": [3.0, 3, 3],
            "peak_rss_bytes": 3 << 30}
+    if session:
+        doc["session"] = {"id": session, "started_at": "2026-12-01T05:00:00Z", "rep": repeat}
     if status != "ok":
         return {**doc, "why": why}
     computed = 46704 - 2000 - kv_cpu - kv_ssd
@@ -62,22 +64,25 @@ def test_report_writes_plots_and_the_readme_table(results, tmp_path, capsys):
     text = readme.read_text()
     assert "old table" not in text and text.endswith("## Next\nkept\n")
     assert "![TTFT p50/p90 per configuration](plots/ttft.png)" in text
-    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert "**chat on bench-s0**, concurrency 8 (model: 12 layers" in text
     assert "**chat on bench-s0**, concurrency 16" in text
     # two kvplug-raw runs at concurrency 8: medians 0.55 s and 0.31 req/s, their spread, ratios to vLLM alone
     raw = [line for line in text.splitlines() if line.startswith("| kvplug-raw | 0.550")]
     assert len(raw) == 1
     cells = [c.strip() for c in raw[0].strip("|").split("|")]
-    assert cells[1:4] == ["0.550", "1.100", "0.14"]
-    assert cells[5:7] == ["0.310", "3.10"]
+    assert cells[1:4] == ["0.550", "1.100", "0.14‡"]  # run 2 has no vLLM-alone partner in its session
+    assert cells[5:7] == ["0.310", "3.10‡"]
     assert cells[9] == "CPU 30,000 / SSD 1,000"
     assert cells[10] == "-"  # these runs did not record vLLM's queue/prefill/decode times
     assert cells[12].startswith("2: TTFT 18%, req/s 6%")
     assert "| 2.00 / 1.00 / 0.50 |" in text  # mean queue / prefill / decode seconds, from vLLM's histograms
     assert "| lmcache | did not run: ServerFailed: lmcache server exited (1) |" in text
-    assert rows  # the table printed is the one written
-    assert "kvplug-raw" in capsys.readouterr().out
+    assert "‡ no vLLM-alone run in the same session" in text
+    written = text.split(report.START + "\n", 1)[1].split("\n" + report.END, 1)[0]
+    assert len(rows) == 7 and all(line in written for line in rows)  # headers + 3 rows at c=8, 2 at c=16
+    printed = capsys.readouterr().out
+    assert printed == f"{written}\nwrote the Benchmarks table into {readme}\n"  # the table printed is the one written
 
 
 def test_hit_shares_add_up_to_one():
@@ -100,3 +105,25 @@ def test_ratios_pair_runs_of_one_session():
     assert report.paired_ratio(runs, base, report.TTFT50) == pytest.approx(0.5)  # of 0.25, 0.5, 0.5
     assert report.paired_ratio(runs, base, report.RPS) == pytest.approx(2.0)     # of 3, 1.5, 2
     assert report.paired_ratio(runs, [], report.RPS) is None
+    assert report.pairing(runs, base) == "‡" and report.pairing(runs[:2], base) == ""
+
+
+def test_ratios_pair_by_session_not_by_file_number():
+    # session "a" ran vLLM alone and kvplug side by side; session "b" only kvplug, later, into the
+    # next free file numbers: its -1 file must not be set against session a's vLLM alone
+    base = [run_doc("vllm", 4.0, 0.10, session="a")]
+    runs = [run_doc("kvplug-raw", 1.0, 0.30, session="b"), run_doc("kvplug-raw", 2.0, 0.20, repeat=2, session="a")]
+    runs[0]["repeat"], runs[1]["repeat"] = 1, 2  # file numbers: b's is -1, a's -2
+    assert report.paired_ratio(runs[1:], base, report.TTFT50) == pytest.approx(0.5)
+    assert report.paired_ratio(runs[:1], base, report.TTFT50) == pytest.approx(0.25)  # median: none in b
+    runs[1]["session"]["rep"] = 1
+    assert report.paired_ratio(runs[1:], base, report.TTFT50) == pytest.approx(0.5)
+    assert report.pairing(runs[1:], base) == "" and report.pairing(runs[:1], base) == "‡"
+
+
+def test_files_without_a_session_pair_by_file_number_and_say_so(tmp_path):
+    docs = [run_doc("vllm", 4.0, 0.1, session=None), run_doc("kvplug-raw", 1.0, 0.3, session=None)]
+    assert report.paired_ratio(docs[1:], docs[:1], report.TTFT50) == pytest.approx(0.25)
+    assert report.pairing(docs[1:], docs[:1]) == "†"
+    table = report.markdown(docs, {})
+    assert "| 0.25† |" in table and "† paired with vLLM alone by results file number" in table

@@ -1,0 +1,37 @@
+"""``kvplug bench run``'s runner without a vLLM engine: results files, settled metrics, deadlines."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from kvplug.bench import runner, workloads
+from kvplug.bench.configs import configurations
+
+CONFIG = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 512}
+
+
+def _model(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIG))
+    return str(d)
+
+
+def test_every_results_file_of_a_session_carries_its_id(tmp_path, monkeypatch):
+    # a server that exits at once: the configuration "could not run", and its file says why and when
+    monkeypatch.setattr(runner, "kvplug_command", lambda: [sys.executable, "-c", "raise SystemExit(3)"])
+    model = _model(tmp_path)
+    w = workloads.noreuse(512, prompts=2, prompt_tokens=16)
+    sizing = runner.Sizing.of(w, runner.model_info(model), 0.5)
+    configs = configurations(1 << 20, 1 << 20, 1 << 30)
+    session = runner.new_session()
+    paths = [runner.run_one(configs[n], w, 1, model, sizing, tmp_path / "out", 1, session=session)
+             for n in ("vllm", "kvplug-raw", "vllm")]
+    docs = [json.loads(p.read_text()) for p in paths]
+    assert [p.name[-9:] for p in paths] == ["c1-1.json", "c1-1.json", "c1-2.json"]  # the next free number
+    assert all(d["session"] == {**session, "rep": 1} for d in docs)
+    assert docs[0]["status"] == "failed" and "exited (3)" in docs[0]["why"]
+    other = runner.run_one(configs["vllm"], w, 1, model, sizing, tmp_path / "out", 1)
+    assert json.loads(other.read_text())["session"]["id"] != session["id"]
