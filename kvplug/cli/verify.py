@@ -1,7 +1,10 @@
 """``kvplug verify SSD_PATH [--drop-bad]``: check every block of an SSD tier directory.
 
-Exit status 0: every block is sound; 1: some are bad (listed); 2: the
-directory could not be checked (in use by a running engine, unsafe, missing).
+Exit status 0: every block is sound; 1: the store was not sound when
+checked: some blocks are bad (listed), also when --drop-bad then dropped
+them all (it says so; a second run exits 0); 2: the directory could not be
+checked (in use by a running engine, unsafe, missing, no kvplug manifest in
+it, or a manifest SQLite cannot read).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import json
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check every SSD-tier block's checksum (and MAC); exit 0 sound, 1 bad",
+    p = sub.add_parser("verify", help="check every SSD-tier block's checksum (and MAC); exit 0 sound, 1 bad, "
+                       "2 not checked",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ssd_path", help="the directory given as ssd_path / --kvplug-ssd-path (stop its engine first)")
     p.add_argument("--drop-bad", action="store_true", help="delete the bad blocks' manifest rows (their slots "
-                   "are reused); without it nothing is changed")
+                   "are reused); without it nothing is changed. The exit status is still 1 when there were bad "
+                   "blocks: it says what was found, and the output what was dropped")
     p.add_argument("--integrity-key", metavar="REF", help="env:NAME or file:/path, as in the config: check MACs too")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
@@ -24,13 +29,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from kvplug.config import ConfigError, KVPlugConfig
     from kvplug.tiers.ssd_dir import DirectoryBusy, UnsafeDirectory
-    from kvplug.tiers.ssd_verify import verify
+    from kvplug.tiers.ssd_verify import NotAStore, verify
 
     try:
         secret = KVPlugConfig.load({"integrity_key": args.integrity_key}).integrity_secret() \
             if args.integrity_key else None
         report = verify(args.ssd_path, drop_bad=args.drop_bad, integrity_key=secret)
-    except (ConfigError, DirectoryBusy, UnsafeDirectory, OSError) as e:
+    except (ConfigError, DirectoryBusy, UnsafeDirectory, NotAStore, OSError) as e:
         print(f"kvplug verify: {e}")
         return 2
     if args.json:
@@ -47,5 +52,6 @@ def run(args) -> int:
             print(f"  {report.mac_unchecked} blocks carry a MAC; without --integrity-key only their checksum "
                   f"was checked")
         if report.dropped:
-            print(f"dropped {report.dropped} bad blocks")
+            print(f"dropped {report.dropped} bad blocks from the manifest: the store holds only sound blocks now "
+                  f"(exit status 1: it was not sound when checked)")
     return 1 if report.bad else 0

@@ -9,7 +9,9 @@ unless ``drop_bad``: then the bad rows are deleted through the manifest, so
 that the slots they named are free for the next engine.
 
 The directory's lock is held throughout: a running engine's directory is
-refused (``DirectoryBusy``), never read half-written.
+refused (``DirectoryBusy``), never read half-written. A directory without a
+manifest, or whose manifest SQLite cannot read as kvplug's, is refused
+(``NotAStore``) before the lock is taken: nothing is written into it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import numpy as np
 from kvplug.keys import block_key
 from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.manifest import _COLUMNS, Manifest, Row, _intact
+
+
+class NotAStore(ValueError):
+    """The directory holds no kvplug SSD tier, or its manifest cannot be read as one."""
 
 
 @dataclass
@@ -51,6 +57,8 @@ def verify(path: str, *, drop_bad: bool = False, integrity_key: bytes | None = N
         raise FileNotFoundError(f"{path}: no such directory")
     ssd_dir.check_directory(path)
     ssd_dir.check_files(path)
+    if not os.path.exists(os.path.join(path, ssd_dir.MANIFEST)):
+        raise NotAStore(f"{path}: no kvplug SSD tier here (no {ssd_dir.MANIFEST}); nothing checked")
     lock = ssd_dir.lock_directory(path)
     try:
         return _verify(path, drop_bad, None if integrity_key is None else slot_header.derive_key(integrity_key))
@@ -60,20 +68,21 @@ def verify(path: str, *, drop_bad: bool = False, integrity_key: bytes | None = N
 
 def read_manifest(db: str) -> tuple[dict, list[tuple]]:
     ssd_dir.check_sqlite(db)
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        geometry = dict(conn.execute("SELECT name, value FROM meta").fetchall())
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM blocks").fetchall()
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            geometry = dict(conn.execute("SELECT name, value FROM meta").fetchall())
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM blocks").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise NotAStore(f"{db}: not a readable kvplug manifest ({type(e).__name__}: {e})") from e
     return geometry, rows
 
 
 def _verify(path: str, drop_bad: bool, mac_key: bytes | None) -> VerifyReport:
     report = VerifyReport(path)
     db = os.path.join(path, ssd_dir.MANIFEST)
-    if not os.path.exists(db):
-        return report
     geometry, rows = read_manifest(db)
     block_bytes, stride, per_segment = (geometry.get(k, 0) for k in ("block_bytes", "slot_stride",
                                                                       "slots_per_segment"))

@@ -111,3 +111,38 @@ def test_stats_of_an_ssd_directory(tmp_path, capsys):
 ])
 def test_serve_turns_kvplug_on_unless_told_otherwise(argv, expected):
     assert vllm_argv(argv) == expected
+
+
+def _corrupt_manifest(path: Path) -> None:
+    path.mkdir(mode=0o700)
+    fd = os.open(path / "manifest.sqlite3", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, b"this is not an SQLite database, " * 64)
+    os.close(fd)
+
+
+def test_verify_refuses_a_directory_without_a_manifest_and_writes_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    assert main(["verify", str(empty)]) == 2
+    assert "no kvplug SSD tier here (no manifest.sqlite3); nothing checked" in capsys.readouterr().out
+    assert os.listdir(empty) == []  # no LOCK file left behind
+    assert main(["stats", str(empty)]) == 2
+    assert "no kvplug SSD tier here" in capsys.readouterr().out
+
+
+def test_a_corrupt_manifest_is_exit_2_with_a_message(tmp_path, capsys):
+    _corrupt_manifest(tmp_path / "ssd")
+    for argv in (["verify", str(tmp_path / "ssd")], ["stats", str(tmp_path / "ssd")]):
+        assert main(argv) == 2
+        out = capsys.readouterr().out
+        assert "manifest.sqlite3: not a readable kvplug manifest (DatabaseError" in out, out
+
+
+def test_drop_bad_says_what_it_dropped_and_exits_1(tmp_path, capsys):
+    _store(tmp_path / "ssd")
+    _flip(tmp_path / "ssd", 1)
+    assert main(["verify", str(tmp_path / "ssd"), "--drop-bad"]) == 1  # not sound when checked
+    out = capsys.readouterr().out
+    assert "1 bad (checksum: 1)" in out and "bad block " in out
+    assert "dropped 1 bad blocks from the manifest: the store holds only sound blocks now" in out
+    assert main(["verify", str(tmp_path / "ssd")]) == 0
