@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvplug.cli import main
-from kvplug.cli.serve import vllm_argv
+from kvplug.cli.serve import UsageError, vllm_argv
 from kvplug.tiers.ssd import SSDTier
 from kvplug.tiers.slots import slot_stride
 
@@ -108,9 +108,46 @@ def test_stats_of_an_ssd_directory(tmp_path, capsys):
     (["m", "--kv-transfer-config", "{}"], ["m", "--kv-transfer-config", "{}"]),
     (["m", "--without-kvplug"], ["m"]),
     (["--help"], ["--help"]),
+    (["--help=kvplug"], ["--help=kvplug"]),
+    (["m", "--kv_transfer_config", "{}"], ["m", "--kv_transfer_config", "{}"]),
+    (["m", "--kv_transfer_config={}"], ["m", "--kv_transfer_config={}"]),
+    (["m", "--kv_connector=kvplug"], ["m", "--kv_connector=kvplug"]),
+    (["m", "--kv-transfer-config.kv_connector", "X"], ["m", "--kv-transfer-config.kv_connector", "X"]),
+    (["--model", "m"], ["--model", "m", "--kv-connector", "kvplug"]),
+    (["--model=m", "--port", "1"], ["--model=m", "--port", "1", "--kv-connector", "kvplug"]),
+    (["m", "--kv-transfer-configs", "x"], ["m", "--kv-transfer-configs", "x", "--kv-connector", "kvplug"]),
 ])
 def test_serve_turns_kvplug_on_unless_told_otherwise(argv, expected):
     assert vllm_argv(argv) == expected
+
+
+@pytest.mark.parametrize("yaml_text, adds_kvplug", [
+    ("port: 8001\n", True),
+    ("kv_transfer_config:\n  kv_connector: LMCacheMPConnector\n  kv_role: kv_both\n", False),
+    ("kv-transfer-config: '{}'\n", False),
+    ("kv_connector: kvplug\n", False),
+])
+@pytest.mark.parametrize("spelling", ["two", "equals"])
+def test_serve_reads_the_config_file_for_a_connector(tmp_path, yaml_text, adds_kvplug, spelling):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml_text)
+    opts = ["--config", str(cfg)] if spelling == "two" else [f"--config={cfg}"]
+    assert vllm_argv(["m", *opts]) == ["m", *opts, *(["--kv-connector", "kvplug"] if adds_kvplug else [])]
+
+
+def test_serve_takes_the_model_from_the_config_file(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("model: /models/m\nport: 8001\n")
+    assert vllm_argv(["--config", str(cfg)]) == ["--config", str(cfg), "--kv-connector", "kvplug"]
+
+
+@pytest.mark.parametrize("argv", [[], ["--port", "8000"], ["--without-kvplug"], ["--kvplug-codec", "raw"]])
+def test_serve_without_a_model_is_a_usage_error(argv, capsys):
+    with pytest.raises(UsageError, match="MODEL is required"):
+        vllm_argv(argv)
+    assert main(["serve", *argv]) == 2  # before vLLM is imported: no default-model download
+    err = capsys.readouterr().err
+    assert "kvplug serve: MODEL is required" in err and "usage: kvplug serve MODEL [vLLM options]" in err
 
 
 def _corrupt_manifest(path: Path) -> None:
