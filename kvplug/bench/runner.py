@@ -113,14 +113,20 @@ def thread_layout(log: str) -> dict:
             "torch_threads": find(r"(Reducing Torch threads from \d+ to \d+)")}
 
 
-def _settled_metrics(url: str, timeout: float = 20) -> dict:
-    """/metrics once kvplug's counters stop moving (they reach the front end with later steps' stats)."""
+def _used(samples: dict[str, float]) -> dict:
+    """The counters a results file is made of (kvplug's and vLLM's), not the process's own gauges."""
+    return {"kvplug": metrics.kvplug_counters(samples), "vllm": metrics.vllm_counters(samples)}
+
+
+def _settled_metrics(url: str, timeout: float = 20, poll_s: float = 1.0) -> dict:
+    """/metrics once the counters we use stop moving (kvplug's reach the front end with later steps'
+    stats); process_cpu_seconds_total and the like move on every scrape and are not compared."""
     last = metrics.scrape(url)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        time.sleep(1)
+        time.sleep(poll_s)
         now = metrics.scrape(url)
-        if now == last:
+        if _used(now) == _used(last):
             return now
         last = now
     return last

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvplug.bench import runner, workloads
+from kvplug.bench import metrics, runner, workloads
 from kvplug.bench.configs import configurations
 
 CONFIG = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -35,3 +35,27 @@ def test_every_results_file_of_a_session_carries_its_id(tmp_path, monkeypatch):
     assert docs[0]["status"] == "failed" and "exited (3)" in docs[0]["why"]
     other = runner.run_one(configs["vllm"], w, 1, model, sizing, tmp_path / "out", 1)
     assert json.loads(other.read_text())["session"]["id"] != session["id"]
+
+
+SCRAPE = """# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total {cpu}
+# TYPE vllm:kvplug_hit_tokens counter
+vllm:kvplug_hit_tokens_total{{engine="0"}} {hits}
+# TYPE vllm:prompt_tokens counter
+vllm:prompt_tokens_total{{engine="0"}} 1000.0
+"""
+
+
+def test_settled_metrics_ignore_what_moves_on_every_scrape(monkeypatch):
+    scrapes = [(1.0, 10), (1.5, 20), (2.0, 20), (2.5, 20)]  # kvplug's counter moves once, the CPU always
+    seen = []
+
+    def scrape(url):
+        cpu, hits = scrapes[len(seen)]
+        seen.append(cpu)
+        return metrics.parse(SCRAPE.format(cpu=cpu, hits=hits))
+
+    monkeypatch.setattr(metrics, "scrape", scrape)
+    out = runner._settled_metrics("http://x", timeout=5, poll_s=0.001)
+    assert seen == [1.0, 1.5, 2.0]  # settled at the third scrape: the first two differ in kvplug's counter
+    assert metrics.kvplug_counters(out) == {"hit_tokens": 20.0}
