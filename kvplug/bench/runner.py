@@ -151,11 +151,14 @@ def lmcache_command(config: Config, port: int) -> list[str]:
 
 
 def run_one(config: Config, workload: Workload, concurrency: int, model: str, sizing: Sizing, out: Path,
-            repeat: int = 1, progress=None, start_timeout: float = 600, session: dict | None = None) -> Path:
+            repeat: int = 1, progress=None, start_timeout: float = 600, session: dict | None = None,
+            request_timeout_s: float = 600, deadline_s: float = 3600) -> Path:
     """Run one configuration; write and return its results file (also when it could not run).
 
     ``session``: the ``kvplug bench run`` invocation (``new_session()``) and ``rep``, its repeat within it;
-    the report sets a run against vLLM alone's run of the same session and rep, never by file number."""
+    the report sets a run against vLLM alone's run of the same session and rep, never by file number.
+    ``request_timeout_s`` / ``deadline_s``: a request, and the whole workload, that take longer fail
+    (client.py); the results file says so."""
     out.mkdir(parents=True, exist_ok=True)
     rep = repeat
     while (path := out / f"{workload.name}-{Path(model).name}-{config.name}-c{concurrency}-{repeat}.json").exists():
@@ -170,7 +173,8 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
            "workload": workload.describe(), "concurrency": concurrency, "repeat": repeat,
            "model": {**info, "name": Path(model).name}, "sizing": sizing.__dict__, "env": ENV,
            "machine": environment.machine(), "code": environment.code_state(Path(__file__).resolve().parents[2]),
-           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_before": environment.load_avg()}
+           "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_before": environment.load_avg(),
+           "limits": {"request_timeout_s": request_timeout_s, "run_deadline_s": deadline_s}}
     servers: list[Server] = []
     try:
         lmcache_port = None
@@ -191,22 +195,28 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
         server.wait_http(f"{url}/health", start_timeout)
         doc["server_start_s"] = time.monotonic() - t0
         warm = random.Random("warm-up").sample(range(16, info["vocab"]), 64)
-        client.drive(url, MODEL_NAME, [Request("warm-up", "warm-up", 0, warm, 4)], 1)
+        (warmed,), _ = client.drive(url, MODEL_NAME, [Request("warm-up", "warm-up", 0, warm, 4)], 1,
+                                    request_timeout_s=request_timeout_s, deadline_s=request_timeout_s)
+        if "error" in warmed:
+            raise ServerFailed(f"the warm-up request failed: {warmed['error']}")
         before = _settled_metrics(url, timeout=6)
         task = progress.add_task(f"{workload.name} {config.name} c={concurrency}", total=len(workload.requests)) \
             if progress else None
         results, wall = client.drive(url, MODEL_NAME, workload.requests, concurrency,
-                                     on_done=lambda r: progress.advance(task) if progress else None)
+                                     on_done=lambda r: progress.advance(task) if progress else None,
+                                     request_timeout_s=request_timeout_s, deadline_s=deadline_s)
         after = _settled_metrics(url)
         doc["summary"] = summarize(results, wall, workload, before, after)
-        doc["requests"] = sorted(results, key=lambda r: r["start_s"])
+        doc["requests"] = sorted(results, key=lambda r: (r["start_s"] is None, r["start_s"] or 0.0))
         doc["peak_rss_bytes"] = server.peak_rss
         doc["thread_layout"] = thread_layout(server.log_tail(1 << 22))
         if config.lmcache:
             doc["lmcache_peak_rss_bytes"] = servers[0].peak_rss
         doc["status"] = "ok" if doc["summary"]["failed"] == 0 else "failed"
         if doc["status"] == "failed":
-            doc["why"] = f"{doc['summary']['failed']} requests failed: " + \
+            late = sum(r["error"].startswith("run deadline") for r in results if "error" in r)
+            doc["why"] = (f"run deadline of {deadline_s:g} s passed with {late} of {len(results)} requests "
+                          f"unfinished; " if late else "") + f"{doc['summary']['failed']} requests failed: " + \
                 next(r["error"] for r in results if "error" in r)
     except Exception as e:  # noqa: BLE001 - a configuration that cannot run says why
         doc["why"] = f"{type(e).__name__}: {e}"

@@ -42,6 +42,11 @@ def add_parser(sub) -> None:
     r.add_argument("--kv-fraction", type=float, default=0.3,
                    help="vLLM's own KV memory as a fraction of the workload's working set")
     r.add_argument("--cpu-bytes", default=None, help="kvplug CPU tier / LMCache L1 (default: 2x the working set)")
+    r.add_argument("--request-timeout", type=float, default=600,
+                   help="seconds a request may take from being sent to its last token; longer: it fails")
+    r.add_argument("--run-deadline", type=float, default=3600,
+                   help="seconds one configuration's workload may take; at the deadline the unfinished "
+                        "requests fail and the results file says so")
     r.add_argument("--small-cpu-fraction", type=float, default=0.33,
                    help="the small CPU tier as a fraction of the working set")
     g = r.add_argument_group("workload sizes (defaults: chat 8 users x 4 rounds; docqa 4 docs x 4 questions; "
@@ -106,7 +111,8 @@ def run(args) -> int:
             for c in concurrencies:
                 for name in names:
                     path = runner.run_one(configs[name], workload, c, model, sizing, out, rep, progress,
-                                            session=session)
+                                            session=session, request_timeout_s=args.request_timeout,
+                                            deadline_s=args.run_deadline)
                     console.print(_line(path))
     return 0
 

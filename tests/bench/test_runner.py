@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 
 from kvplug.bench import metrics, runner, workloads
 from kvplug.bench.configs import configurations
@@ -59,3 +61,23 @@ def test_settled_metrics_ignore_what_moves_on_every_scrape(monkeypatch):
     out = runner._settled_metrics("http://x", timeout=5, poll_s=0.001)
     assert seen == [1.0, 1.5, 2.0]  # settled at the third scrape: the first two differ in kvplug's counter
     assert metrics.kvplug_counters(out) == {"hit_tokens": 20.0}
+
+
+def test_a_stuck_server_fails_its_requests_and_the_run_says_why(tmp_path, monkeypatch):
+    stuck = str(Path(__file__).with_name("stuck_server.py"))
+    monkeypatch.setattr(runner, "kvplug_command", lambda: [sys.executable, stuck])
+    model = _model(tmp_path)
+    w = workloads.noreuse(512, prompts=4, prompt_tokens=16)
+    sizing = runner.Sizing.of(w, runner.model_info(model), 0.5)
+    config = configurations(1 << 20, 1 << 20, 1 << 30)["vllm"]
+    t0 = time.monotonic()
+    doc = json.loads(runner.run_one(config, w, 2, model, sizing, tmp_path / "out", request_timeout_s=0.5,
+                                    deadline_s=60).read_text())
+    assert doc["status"] == "failed" and doc["why"].startswith("4 requests failed: request timeout: no complete "
+                                                               "answer within 0.5 s")
+    doc = json.loads(runner.run_one(config, w, 2, model, sizing, tmp_path / "out", request_timeout_s=60,
+                                    deadline_s=0.8).read_text())
+    assert doc["why"].startswith("run deadline of 0.8 s passed with 4 of 4 requests unfinished")
+    assert doc["limits"] == {"request_timeout_s": 60, "run_deadline_s": 0.8}
+    assert [r["error"][:12] for r in doc["requests"]] == ["run deadline"] * 4
+    assert time.monotonic() - t0 < 30  # and neither run waited for the server's hour-long stall
