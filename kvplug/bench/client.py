@@ -2,8 +2,9 @@
 
 Each request is a streamed /v1/completions call with a token-id prompt,
 greedy, ``ignore_eos`` (every configuration generates the same number of
-tokens). Per request: TTFT (send to first streamed token), inter-token
-latency ((last token - first token) / (tokens - 1)), end-to-end time, and
+tokens). Per request: TTFT (send to first streamed token), every inter-token
+gap (between consecutive streamed chunks: one token each, as vLLM streams by
+default), TPOT ((last token - first token) / (tokens - 1)), end-to-end time, and
 vLLM's usage (prompt tokens, cached tokens: vLLM's prefix cache plus any
 connector's hit). A request whose ``after`` has not finished waits for it
 (and its think time) before it takes one of the ``concurrency`` slots.
@@ -61,7 +62,8 @@ async def _one(client, url: str, model: str, req: Request, timeout_s: float) -> 
     tokens = (usage or {}).get("completion_tokens") or len(times)
     details = (usage or {}).get("prompt_tokens_details") or {}
     out.update(ttft_s=times[0] - t0, e2e_s=end - t0,
-               itl_s=(times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0,
+               tpot_s=(times[-1] - times[0]) / (tokens - 1) if tokens > 1 else 0.0,
+               itl_gaps_s=[round(b - a, 6) for a, b in zip(times, times[1:])],
                output_tokens=tokens, prompt_tokens=(usage or {}).get("prompt_tokens"),
                cached_tokens=details.get("cached_tokens"))
     return out

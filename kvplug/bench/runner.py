@@ -89,7 +89,10 @@ def summarize(results: list[dict], wall_s: float, workload: Workload, before: di
         "requests": len(results), "failed": len(results) - len(ok), "wall_s": wall_s,
         "throughput_rps": len(ok) / wall_s if wall_s else 0.0,
         "output_tok_s": sum(r["output_tokens"] for r in ok) / wall_s if wall_s else 0.0,
-        "ttft_s": _percentiles([r["ttft_s"] for r in ok]), "itl_s": _percentiles([r["itl_s"] for r in ok]),
+        "ttft_s": _percentiles([r["ttft_s"] for r in ok]),
+        # ITL over every gap between streamed tokens; TPOT: each request's mean gap
+        "itl_s": _percentiles([g for r in ok for g in r["itl_gaps_s"]]),
+        "tpot_s": _percentiles([r["tpot_s"] for r in ok]),
         "e2e_s": _percentiles([r["e2e_s"] for r in ok]),
         "prompt_tokens": prompt, "cached_tokens": cached, "prefill_tokens_computed": prompt - cached,
         "prefill_floor_tokens": workload.prefill_floor(),
@@ -209,9 +212,11 @@ def run_one(config: Config, workload: Workload, concurrency: int, model: str, si
         doc["summary"] = summarize(results, wall, workload, before, after)
         doc["requests"] = sorted(results, key=lambda r: (r["start_s"] is None, r["start_s"] or 0.0))
         doc["peak_rss_bytes"] = server.peak_rss
+        doc["server_cpu_s"] = server.cpu_s
         doc["thread_layout"] = thread_layout(server.log_tail(1 << 22))
         if config.lmcache:
             doc["lmcache_peak_rss_bytes"] = servers[0].peak_rss
+            doc["lmcache_cpu_s"] = servers[0].cpu_s
         doc["status"] = "ok" if doc["summary"]["failed"] == 0 else "failed"
         if doc["status"] == "failed":
             late = sum(r["error"].startswith("run deadline") for r in results if "error" in r)

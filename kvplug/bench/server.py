@@ -2,9 +2,10 @@
 
 ``Server`` starts a command (``kvplug serve ...`` or ``lmcache server ...``)
 with its output in a log file, waits until it answers (an HTTP URL or a TCP
-port), samples the RSS of its whole process tree (the API server, EngineCore
-and its workers) every ``sample_s`` and stops it with SIGTERM to its process
-group (SIGKILL after a grace period).
+port), samples the RSS and CPU seconds of its whole process tree (the API
+server, EngineCore and its workers) every ``sample_s`` and stops it with
+SIGTERM to its process group (SIGKILL after a grace period). RSS counts a
+shared-memory slab in every process that maps it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
                                      start_new_session=True)
         self.peak_rss = 0
+        self._cpu: dict[int, float] = {}  # pid -> its latest user + system seconds (the last sample of one gone)
         self._stop = threading.Event()
         self._sample_s = sample_s
         self._sampler = threading.Thread(target=self._sample, daemon=True)
@@ -79,7 +81,13 @@ class Server:
                 time.sleep(0.5)
         raise ServerFailed(f"{self.name} did not open port {port} within {timeout:.0f} s; log {self.log_path}")
 
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of the process tree, as of the last sample."""
+        return round(sum(self._cpu.values()), 2)
+
     def tree_rss(self) -> int:
+        """RSS of the process tree now (and each process's CPU seconds noted)."""
         import psutil
 
         try:
@@ -90,7 +98,10 @@ class Server:
         total = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                with p.oneshot():
+                    total += p.memory_info().rss
+                    t = p.cpu_times()
+                    self._cpu[p.pid] = t.user + t.system
             except psutil.NoSuchProcess:
                 pass
         return total

@@ -4,8 +4,9 @@ run:    starts one ``kvplug serve`` per configuration (same model, thread
         layout and vLLM KV memory, set below the workload's working set),
         drives it through the OpenAI API with streaming at each concurrency
         and writes one results file per run (machine, versions, load average,
-        exact configuration, every request's TTFT / ITL / end-to-end time,
-        hit tokens and bytes per tier, peak RSS).
+        exact configuration, every request's TTFT / inter-token gaps / TPOT /
+        end-to-end time, hit tokens per tier, bytes kvplug loaded and saved
+        (all tiers together), peak RSS and CPU seconds of the server tree).
 report: plots (TTFT p50/p90 per configuration, throughput vs concurrency,
         hit rate per tier) and the README figures table, from results files.
 

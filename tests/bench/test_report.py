@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +27,18 @@ def run_doc(config: str, ttft: float, rps: float, concurrency: int = 8, repeat: 
     if status != "ok":
         return {**doc, "why": why}
     computed = 46704 - 2000 - kv_cpu - kv_ssd
-    doc["summary"] = {"ttft_s": {"p50": ttft, "p90": 2 * ttft}, "itl_s": {"p50": 0.05}, "throughput_rps": rps,
+    doc["summary"] = {"ttft_s": {"p50": ttft, "p90": 2 * ttft}, "throughput_rps": rps,
+                      "tpot_s": {"p50": 0.05}, "itl_s": {"p50": 0.04, "p99": 0.2},
                       "output_tok_s": rps * 32, "prompt_tokens": 46704, "prefill_tokens_computed": computed,
                       "hit_tokens": {"vllm_prefix_cache": 2000.0, "external": kv_cpu + kv_ssd,
-                                     "kvplug_cpu": kv_cpu, "kvplug_ssd": kv_ssd}}
+                                     "kvplug_cpu": kv_cpu, "kvplug_ssd": kv_ssd},
+                      "kvplug": {"load_bytes": (kv_cpu + kv_ssd) * 1024.0, "save_bytes": 5 << 20} if kv_cpu else None}
+    return doc
+
+
+def legacy(doc: dict) -> dict:
+    """A results file from before per-gap ITL: its itl_s is each request's mean gap (TPOT)."""
+    doc["summary"]["itl_s"] = doc["summary"].pop("tpot_s")
     return doc
 
 
@@ -45,7 +54,9 @@ def results(tmp_path):
     d.mkdir()
     docs = [run_doc("vllm", 4.0, 0.10), run_doc("kvplug-raw", 0.5, 0.30, kv_cpu=30000, kv_ssd=1000),
             run_doc("kvplug-raw", 0.6, 0.32, repeat=2, kv_cpu=30000, kv_ssd=1000),
-            run_doc("vllm", 3.0, 0.20, concurrency=16), timed(run_doc("kvplug-raw", 0.4, 0.50, concurrency=16)),
+            legacy(run_doc("vllm", 3.0, 0.20, concurrency=16)),
+            timed(run_doc("kvplug-raw", 0.4, 0.50, concurrency=16)),
+            {**run_doc("lmcache", 0.8, 0.25, concurrency=16), "lmcache_peak_rss_bytes": 1 << 29},
             run_doc("lmcache", 0, 0, status="failed", why="ServerFailed: lmcache server exited (1)\nmore")]
     for i, doc in enumerate(docs):
         (d / f"run{i}.json").write_text(json.dumps(doc))
@@ -72,25 +83,52 @@ def test_report_writes_plots_and_the_readme_table(results, tmp_path, capsys):
     assert len(raw) == 1
     cells = [c.strip() for c in raw[0].strip("|").split("|")]
     assert cells[1:4] == ["0.550", "1.100", "0.14‡"]  # run 2 has no vLLM-alone partner in its session
-    assert cells[5:7] == ["0.310", "3.10‡"]
-    assert cells[9] == "CPU 30,000 / SSD 1,000"
-    assert cells[10] == "-"  # these runs did not record vLLM's queue/prefill/decode times
-    assert cells[12].startswith("2: TTFT 18%, req/s 6%")
+    assert cells[4:6] == ["50.0", "40.0 / 200.0"]  # TPOT p50; ITL p50 / p99 over every gap
+    assert cells[6:8] == ["0.310", "3.10‡"]
+    assert cells[10] == "CPU 30,000 / SSD 1,000"
+    assert cells[11] == "30 / 5"  # MiB loaded / saved, all tiers
+    assert cells[12] == "-"  # these runs did not record vLLM's queue/prefill/decode times
+    assert cells[13] == "3.00"
+    assert cells[14].startswith("2: TTFT 18%, req/s 6%")
+    vllm16 = [c.strip() for c in next(line for line in text.splitlines()
+                                      if line.startswith("| vllm | 3.000")).strip("|").split("|")]
+    assert vllm16[4:6] == ["50.0", "-"]  # a legacy file's itl_s is TPOT: no ITL over gaps to show
+    assert "| 3.50 (3.00 + LMCache server 0.50) |" in text
+    assert "Machine: Test CPU, 2 cores, no GPU; vLLM 0.32.0 (CPU)" in text
+    assert "counts in every process that maps it" in text
     assert "| 2.00 / 1.00 / 0.50 |" in text  # mean queue / prefill / decode seconds, from vLLM's histograms
     assert "| lmcache | did not run: ServerFailed: lmcache server exited (1) |" in text
     assert "‡ no vLLM-alone run in the same session" in text
     written = text.split(report.START + "\n", 1)[1].split("\n" + report.END, 1)[0]
-    assert len(rows) == 7 and all(line in written for line in rows)  # headers + 3 rows at c=8, 2 at c=16
+    assert len(rows) == 8 and all(line in written for line in rows)  # headers + 3 rows at c=8, 3 at c=16
     printed = capsys.readouterr().out
     assert printed == f"{written}\nwrote the Benchmarks table into {readme}\n"  # the table printed is the one written
 
 
-def test_hit_shares_add_up_to_one():
+def test_hit_shares_of_the_committed_runs_add_up_to_one():
+    # two independent counts: tokens computed from vLLM's usage (prompt - cached, per request) and hits
+    # from /metrics (vLLM's prefix cache, kvplug per tier, any connector): they must partition the prompt
+    files = sorted((Path(__file__).resolve().parents[2] / "bench" / "results" / "serve").glob("*.json"))
+    docs = [json.loads(f.read_text()) for f in files]
+    assert len(docs) >= 20
+    for doc in docs:
+        shares = report.hit_shares(doc["summary"])
+        assert sum(shares.values()) == pytest.approx(1.0), doc["config"]["name"]
+        assert all(v >= 0 for v in shares.values())
+
+
+def test_hit_shares_are_not_normalized():
     s = run_doc("kvplug-raw", 0.5, 0.3, kv_cpu=30000, kv_ssd=1000)["summary"]
     shares = report.hit_shares(s)
-    assert shares["kvplug CPU"] == pytest.approx(30000 / 46704)
-    assert shares["LMCache"] == 0
-    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["kvplug CPU"] == pytest.approx(30000 / 46704) and shares["LMCache"] == 0
+    s["prefill_tokens_computed"] += 4670  # vLLM's usage and the hit counters disagree: the shares show it
+    assert sum(report.hit_shares(s).values()) == pytest.approx(1.1, abs=1e-3)
+
+
+def test_the_machine_line_names_a_gpu():
+    m = {**MACHINE, "gpu": {"name": "NVIDIA H200", "count": 1}}
+    assert report.machine_line(m).startswith("Machine: Test CPU, 2 cores, GPU NVIDIA H200; vLLM 0.32.0, torch")
+    assert "no GPU; vLLM 0.32.0 (CPU)" in report.machine_line(MACHINE)
 
 
 def test_report_without_results_says_what_to_run(tmp_path, capsys):

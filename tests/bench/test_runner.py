@@ -80,4 +80,39 @@ def test_a_stuck_server_fails_its_requests_and_the_run_says_why(tmp_path, monkey
     assert doc["why"].startswith("run deadline of 0.8 s passed with 4 of 4 requests unfinished")
     assert doc["limits"] == {"request_timeout_s": 60, "run_deadline_s": 0.8}
     assert [r["error"][:12] for r in doc["requests"]] == ["run deadline"] * 4
+    assert doc["server_cpu_s"] > 0  # the server tree's CPU seconds, sampled with its RSS
     assert time.monotonic() - t0 < 30  # and neither run waited for the server's hour-long stall
+
+
+def test_itl_is_every_gap_and_tpot_each_requests_mean(tmp_path):
+    from kvplug.bench import client
+    from kvplug.bench.server import Server, free_port
+
+    port = free_port()
+    server = Server("stuck", [sys.executable, str(Path(__file__).with_name("stuck_server.py")), "--port", str(port)],
+                    tmp_path / "log", {})
+    try:
+        server.wait_http(f"http://127.0.0.1:{port}/health", 30)
+        reqs = [workloads.Request(f"r{i}", "s", 0, list(range(64)), 5) for i in range(2)]  # answered at once
+        results, wall = client.drive(f"http://127.0.0.1:{port}", "m", reqs, 2)
+    finally:
+        server.stop()
+    assert all(len(r["itl_gaps_s"]) == 4 and "error" not in r for r in results)
+    w = workloads.Workload("t", {}, reqs)
+    s = runner.summarize(results, wall, w, {}, {})
+    gaps = sorted(g for r in results for g in r["itl_gaps_s"])
+    assert s["itl_s"]["max"] == gaps[-1] and s["itl_s"]["min"] == gaps[0]
+    assert sorted(s["tpot_s"].values())[0] >= 0 and s["tpot_s"]["max"] == max(r["tpot_s"] for r in results)
+
+
+def test_machine_names_the_gpu_torch_sees(monkeypatch):
+    import types
+
+    from kvplug.bench import environment
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, get_device_name=lambda i: "NVIDIA H200",
+                                 device_count=lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert environment.machine()["gpu"] == {"name": "NVIDIA H200", "count": 1}
+    cuda.is_available = lambda: False
+    assert environment.machine()["gpu"] is None
