@@ -52,7 +52,7 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 
 def summary(kv: dict[str, float]) -> dict[str, float]:
-    """Hit rates and bytes per tier from kvplug's counters."""
+    """Hit rates per tier, and bytes loaded and saved (all tiers together), from kvplug's counters."""
     looked = kv.get("lookup_tokens", 0.0)
     hit = kv.get("hit_tokens", 0.0)
     return {"lookup_tokens": looked, "hit_tokens": hit,

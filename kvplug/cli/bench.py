@@ -74,6 +74,10 @@ SIZE_KEYS = {"chat": ("users", "rounds", "system_tokens", "doc_tokens", "new_min
              "noreuse": ("prompts", "prompt_tokens", "output_tokens")}
 
 
+def _flags(keys) -> str:
+    return ", ".join(dict.fromkeys("--" + k.replace("_", "-") for k in keys))
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -89,6 +93,12 @@ def run(args) -> int:
     unknown = [n for n in names if n not in CONFIG_NAMES]
     if unknown:
         console.print(f"kvplug bench run: --configs {','.join(unknown)} not known; expected {', '.join(CONFIG_NAMES)}")
+        return 2
+    foreign = [k for ks in SIZE_KEYS.values() for k in ks
+               if k not in SIZE_KEYS[args.workload] and getattr(args, k) is not None]
+    if foreign:
+        console.print(f"kvplug bench run: {_flags(foreign)} do(es) not size the {args.workload} workload; its "
+                      f"sizes are {_flags(SIZE_KEYS[args.workload])}")
         return 2
     model = runner.model_path(args.model)
     info = runner.model_info(model)

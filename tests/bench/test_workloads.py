@@ -62,3 +62,14 @@ def test_noreuse_prompts_share_nothing():
 def test_an_unknown_workload_is_refused_by_name():
     with pytest.raises(ValueError, match="workload='chats' is not accepted; expected one of chat, docqa, noreuse"):
         w.build("chats", 100)
+
+
+@pytest.mark.parametrize("argv, named", [(["--workload", "chat", "--docs", "3"], "--docs"),
+                                         (["--workload", "noreuse", "--users", "2", "--rounds", "2"],
+                                          "--users, --rounds")])
+def test_bench_run_refuses_sizes_of_another_workload(argv, named, capsys):
+    from kvplug.cli import main
+
+    assert main(["bench", "run", *argv]) == 2  # before any model is built or server started
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{named} do(es) not size the" in out and "its sizes are" in out
