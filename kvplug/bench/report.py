@@ -261,7 +261,8 @@ def markdown(docs: list[dict], plots: dict[str, Path], base: Path = Path(".")) -
         base_runs = by_config.get("vllm", [])
         model = first["model"]
         lines += ["", f"**{w}**, concurrency {c} (model: {model['layers']} layers, hidden {model['hidden']}, "
-                      f"{model['kv_bytes_per_token']:,} KV bytes per token): {wd['requests']} requests, {wd['prompt_tokens']:,} prompt tokens, "
+                      f"{model['kv_bytes_per_token']:,} KV bytes per token): {wd['requests']} requests, "
+                      f"{wd['prompt_tokens']:,} prompt tokens, "
                       f"working set {wd['unique_tokens']:,} tokens, vLLM KV {first['sizing']['kv_blocks']} blocks "
                       f"({first['sizing']['kv_blocks'] * 128:,} tokens, "
                       f"{wd['unique_tokens'] / (first['sizing']['kv_blocks'] * 128):.1f}x less than the working set); "
