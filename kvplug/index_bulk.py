@@ -13,8 +13,10 @@ would give.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from array import array
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -90,6 +92,19 @@ def load(index: PrefixIndex, blocks: Sequence[tuple[bytes, bytes, np.ndarray]]) 
     for i in np.flatnonzero(pid < 0).tolist():  # chains whose parent is not stored (roots, mostly)
         parent = parents[i * KEY_BYTES:(i + 1) * KEY_BYTES]
         index._loose[parent] = index._add_child(index._loose.get(parent, -1), i)
+    return n
+
+
+def load_all(index: PrefixIndex, blocks: Iterable[tuple[bytes, bytes, np.ndarray]]) -> int:
+    """``load`` every block of an iterable (a tier's ``entries()``), then hand the heap that
+    reading a large manifest took back to the OS: the rows are gone, but glibc keeps freed
+    heap, which would otherwise stay in the scheduler's RSS for the engine's lifetime."""
+    n = load(index, list(blocks))
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
     return n
 
 
