@@ -14,7 +14,6 @@ would give.
 from __future__ import annotations
 
 import ctypes
-import gc
 from array import array
 from typing import Iterable, Sequence
 
@@ -22,6 +21,8 @@ import numpy as np
 
 from kvplug.index import PrefixIndex
 from kvplug.keys import KEY_BYTES
+
+TRIM_ABOVE = 10_000  # blocks loaded at start-up before the freed heap is worth handing back
 
 
 def load(index: PrefixIndex, blocks: Sequence[tuple[bytes, bytes, np.ndarray]]) -> int:
@@ -99,8 +100,9 @@ def load_all(index: PrefixIndex, blocks: Iterable[tuple[bytes, bytes, np.ndarray
     """``load`` every block of an iterable (a tier's ``entries()``), then hand the heap that
     reading a large manifest took back to the OS: the rows are gone, but glibc keeps freed
     heap, which would otherwise stay in the scheduler's RSS for the engine's lifetime."""
-    n = load(index, list(blocks))
-    gc.collect()
+    n = load(index, list(blocks))  # (the rows are freed by reference counting on return)
+    if n < TRIM_ABOVE:
+        return n
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to hand back this way
