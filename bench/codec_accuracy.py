@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 import kv_codecs
-from kvplug import codec_reference as ref
 from kvplug.codec import get_codec
 from kvplug.layout import KVLayout
 
@@ -57,17 +56,7 @@ def int4h(x: torch.Tensor, group: int = 0) -> torch.Tensor:
     return out[:, 0].reshape(-1, h, d)[:t]
 
 
-def int4_naive(x: torch.Tensor, group: int = 0) -> torch.Tensor:
-    """Asymmetric min-max 4-bit per group with fp16 scale and zero, no rotation."""
-    t, h, d = x.shape
-    g = group or d
-    xg = x.float().reshape(t, h, d // g, g)
-    mn, mx = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    s = ((mx - mn) * ref.INV15).half().float()
-    z = mn.half().float()
-    inv = torch.where(s > 0, 1.0 / s, 0.0)
-    q = ((xg - z) * inv + 0.5).clamp(0, 15.5).floor()
-    return (q * s + z).reshape(t, h, d).to(x.dtype)
+int4_naive = kv_codecs.int4_naive  # asymmetric min-max 4-bit per group, fp16 scale and zero, no rotation
 
 
 def fp8(x: torch.Tensor, group: int = 0) -> torch.Tensor:

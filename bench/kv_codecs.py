@@ -40,6 +40,7 @@ def through_codec(name: str, k: torch.Tensor, v: torch.Tensor, block_tokens: int
 
 
 def int4_naive(x: torch.Tensor, group: int = 0) -> torch.Tensor:
+    """Asymmetric min-max 4-bit per group with fp16 scale and zero, no rotation."""
     t, h, d = x.shape
     g = group or d
     xg = x.float().reshape(t, h, d // g, g)

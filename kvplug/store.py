@@ -318,20 +318,6 @@ class TieredStore(SSDTransfers, RemoteTransfers):
         if not self._on_ssd(key):
             self._index.remove(key)
 
-    def _on_ssd(self, key: bytes) -> bool:
-        return self.ssd is not None and self.ssd.contains(key)
-
-    def _ssd_dropped(self, keys: list[bytes]) -> None:
-        """The SSD tier forgot these blocks on its own (eviction, corruption, a failed MAC, start-up)."""
-        with self._lock:
-            for key in keys:
-                self._forget_ssd_copy(key)
-
-    def _forget_ssd_copy(self, key: bytes) -> None:
-        block = self._resident.get(key)
-        if block is None or not block.visible:
-            self._index.remove(key)
-
     # -- reset ------------------------------------------------------------------------
 
     def reset(self) -> None:

@@ -80,6 +80,21 @@ class SSDTransfers:
         for handle, i in waiting:
             handle._read_done(i, ok)
 
+    def _on_ssd(self, key: bytes) -> bool:
+        return self.ssd is not None and self.ssd.contains(key)
+
+    def _ssd_dropped(self, keys: list[bytes]) -> None:
+        """The SSD tier forgot these blocks on its own (eviction, corruption, a failed MAC, start-up)."""
+        with self._lock:
+            for key in keys:
+                self._forget_ssd_copy(key)
+
+    def _forget_ssd_copy(self, key: bytes) -> None:
+        """Caller holds the lock. A block neither visible in the CPU tier nor on SSD leaves the index."""
+        block = self._resident.get(key)
+        if block is None or not block.visible:
+            self._index.remove(key)
+
     def probe_ssd(self, key: bytes, done: Callable[[bool, float], None]) -> None:
         """Read one SSD block into a scratch buffer, in the background, to time the disk:
         ``done(ok, seconds)`` from an I/O thread. Nothing is pinned or promoted."""

@@ -31,6 +31,20 @@ def _max_nan(a, b):
 
 
 @triton.jit
+def _affine(mn, mx):
+    """From a group's bounds: (non-finite?, fp16 scale, fp16 zero, both as fp32, 1/scale or 0)."""
+    bad = (tl.abs(mn) == float("inf")) | (tl.abs(mx) == float("inf")) | (mn != mn) | (mx != mx)
+    mn = tl.where(bad, 0.0, mn)
+    mx = tl.where(bad, 0.0, mx)
+    scale16 = tl.minimum(tl.maximum((mx - mn) * _INV15, 0.0), _FP16_MAX).to(tl.float16)
+    zero16 = tl.minimum(tl.maximum(mn, -_FP16_MAX), _FP16_MAX).to(tl.float16)
+    s = scale16.to(tl.float32)
+    z = zero16.to(tl.float32)
+    inv = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    return bad, scale16, zero16, s, z, inv
+
+
+@triton.jit
 def _int4h_encode_kernel(
     kv_ptr, ids_ptr, out_ptr,
     s_blk, s_kv, s_tok, s_head, s_dim, out_row_stride,
@@ -58,14 +72,7 @@ def _int4h_encode_kernel(
         mn = tl.reduce(yg, 2, _min_nan)
         mx = tl.reduce(yg, 2, _max_nan)
     # NaN-propagating bounds: a group holding NaN or Inf has a non-finite one
-    bad = (tl.abs(mn) == float("inf")) | (tl.abs(mx) == float("inf")) | (mn != mn) | (mx != mx)
-    mn = tl.where(bad, 0.0, mn)
-    mx = tl.where(bad, 0.0, mx)
-    scale16 = tl.minimum(tl.maximum((mx - mn) * _INV15, 0.0), _FP16_MAX).to(tl.float16)
-    zero16 = tl.minimum(tl.maximum(mn, -_FP16_MAX), _FP16_MAX).to(tl.float16)
-    s = scale16.to(tl.float32)
-    z = zero16.to(tl.float32)
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    bad, scale16, zero16, s, z, inv = _affine(mn, mx)
     # clamp to [0, 15.5] then truncate == floor(v + 0.5) clamped to 0..15, one op less
     v = (yg - z[:, :, None]) * inv[:, :, None] + 0.5
     q = tl.minimum(tl.maximum(v, 0.0), 15.5).to(tl.int32)  # min/max drop NaN

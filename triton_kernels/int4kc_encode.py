@@ -14,7 +14,7 @@ import triton.language as tl
 
 from kvplug.codec_reference import check_group
 from kvplug.triton_kernels.int4h_encode import (
-    _FP16_MAX, _INV15, _NAN16_BITS, _max_nan, _min_nan, check_encoded, encode_rows,
+    _NAN16_BITS, _affine, _max_nan, _min_nan, check_encoded, encode_rows,
 )
 
 # Values a program holds: TP tokens x DC channels (fp32, in registers on a GPU).
@@ -40,14 +40,7 @@ def _int4kc_key_encode_kernel(
     # padding tokens stay out of min/max; NaN-propagating bounds flag non-finite channels
     mn = tl.reduce(tl.where(tmask[:, None], x, float("inf")), 0, _min_nan)
     mx = tl.reduce(tl.where(tmask[:, None], x, float("-inf")), 0, _max_nan)
-    bad = (tl.abs(mn) == float("inf")) | (tl.abs(mx) == float("inf")) | (mn != mn) | (mx != mx)
-    mn = tl.where(bad, 0.0, mn)
-    mx = tl.where(bad, 0.0, mx)
-    scale16 = tl.minimum(tl.maximum((mx - mn) * _INV15, 0.0), _FP16_MAX).to(tl.float16)
-    zero16 = tl.minimum(tl.maximum(mn, -_FP16_MAX), _FP16_MAX).to(tl.float16)
-    s = scale16.to(tl.float32)
-    z = zero16.to(tl.float32)
-    inv = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    bad, scale16, zero16, s, z, inv = _affine(mn, mx)
     v = (x - z[None, :]) * inv[None, :] + 0.5
     q = tl.minimum(tl.maximum(v, 0.0), 15.5).to(tl.int32)  # truncation == floor(v + 0.5) clamped
     q = tl.where(bad[None, :], 0, q)

@@ -55,3 +55,36 @@ def triton_mode():
     finally:
         if prev is None:
             del os.environ["TRITON_INTERPRET"]
+
+
+def encode_both(layer_bytes, ref_encode, kernel, dev, view, ids, group=0):
+    """Encode blocks ``ids`` of ``view`` with a codec's reference and its kernel (on ``dev``):
+    (kernel's bytes, reference's bytes)."""
+    _, _, t, h, d = view.shape
+    nbytes = layer_bytes(t, h, d, group)
+    ids = torch.tensor(ids, dtype=torch.long)
+    want = torch.zeros(len(ids), nbytes, dtype=torch.uint8)
+    ref_encode(view, ids, want, group)
+    got = torch.zeros(len(ids), nbytes, dtype=torch.uint8, device=dev)
+    kernel(view.to(dev), ids.to(dev), got, group)
+    return got.cpu(), want
+
+
+def decode_both(codec, kernel, dev, kind, nb, t, h, d, ids, group=0, dtype=torch.bfloat16, poison=None):
+    """Encode ``ids`` with the reference (``codec``: (layer_bytes, encode, decode)), decode with
+    the reference and with ``kernel`` into fresh caches of layout ``kind``:
+    (source view, kernel's raw cache, reference's raw cache, reference's view)."""
+    layer_bytes, ref_encode, ref_decode = codec
+    _, _, src_view = make_paged(kind, nb, t, h, d, dtype)
+    if poison:
+        poison(src_view)
+    ids = torch.tensor(ids, dtype=torch.long)
+    enc = torch.zeros(len(ids), layer_bytes(t, h, d, group), dtype=torch.uint8)
+    ref_encode(src_view, ids, enc, group)
+    _, raw_want, want = make_paged(kind, nb, t, h, d, dtype, seed=1)
+    _, raw_got, _ = make_paged(kind, nb, t, h, d, dtype, seed=1)
+    raw_got = raw_got.to(dev)
+    got = raw_got.as_strided(want.shape, want.stride(), want.storage_offset())
+    ref_decode(enc, want, ids, group)
+    kernel(enc.to(dev), got, ids.to(dev), group)
+    return src_view, raw_got.cpu(), raw_want, want

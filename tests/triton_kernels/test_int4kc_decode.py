@@ -1,6 +1,6 @@
 import pytest
 import torch
-from paged_cases import LAYOUTS, make_paged, nan_equal, triton_mode
+from paged_cases import LAYOUTS, decode_both as _decode_both, make_paged, nan_equal, triton_mode
 
 from kvplug import codec_int4kc as kc
 
@@ -9,20 +9,8 @@ with triton_mode() as DEV:  # TRITON_INTERPRET=1 unless set: kernels run on CPU
 
 
 def decode_both(kind, nb, t, h, d, ids, group=0, dtype=torch.bfloat16, poison=None):
-    """Encode ``ids`` with the reference, decode with both into fresh caches of layout ``kind``."""
-    _, _, src_view = make_paged(kind, nb, t, h, d, dtype)
-    if poison:
-        poison(src_view)
-    ids = torch.tensor(ids, dtype=torch.long)
-    enc = torch.zeros(len(ids), kc.layer_bytes(t, h, d, group), dtype=torch.uint8)
-    kc.encode(src_view, ids, enc, group)
-    _, raw_want, want = make_paged(kind, nb, t, h, d, dtype, seed=1)
-    _, raw_got, _ = make_paged(kind, nb, t, h, d, dtype, seed=1)
-    raw_got = raw_got.to(DEV)
-    got = raw_got.as_strided(want.shape, want.stride(), want.storage_offset())
-    kc.decode(enc, want, ids, group)
-    int4kc_decode(enc.to(DEV), got, ids.to(DEV), group)
-    return src_view, raw_got.cpu(), raw_want, want
+    return _decode_both((kc.layer_bytes, kc.encode, kc.decode), int4kc_decode, DEV,
+                        kind, nb, t, h, d, ids, group, dtype, poison)
 
 
 @pytest.mark.parametrize("kind", LAYOUTS)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from paged_cases import LAYOUTS, make_paged, triton_mode
+from paged_cases import LAYOUTS, encode_both as _encode_both, make_paged, triton_mode
 
 from kvplug import codec_int4kc as kc
 
@@ -9,14 +9,7 @@ with triton_mode() as DEV:  # TRITON_INTERPRET=1 unless set: kernels run on CPU
 
 
 def encode_both(view, ids, group=0):
-    _, _, t, h, d = view.shape
-    nbytes = kc.layer_bytes(t, h, d, group)
-    ids = torch.tensor(ids, dtype=torch.long)
-    want = torch.zeros(len(ids), nbytes, dtype=torch.uint8)
-    kc.encode(view, ids, want, group)
-    got = torch.zeros(len(ids), nbytes, dtype=torch.uint8, device=DEV)
-    int4kc_encode(view.to(DEV), ids.to(DEV), got, group)
-    return got.cpu(), want
+    return _encode_both(kc.layer_bytes, kc.encode, int4kc_encode, DEV, view, ids, group)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,6 +1,6 @@
-"""The int4h codec in a real engine: a prompt restored from 4-bit KV stays close
-to the exact run. Tolerance: the first token's top-5 logprobs within
-MAX_FIRST_TOKEN_DIFF of the reference (the largest difference is printed)."""
+"""The lossy codecs in a real engine (int4h; int4kc: keys per channel): a prompt restored
+from 4-bit KV stays close to the exact run. Tolerance: the first token's top-5 logprobs
+within MAX_FIRST_TOKEN_DIFF of the reference (the largest difference is printed)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ pytestmark = pytest.mark.e2e
 MAX_FIRST_TOKEN_DIFF = 0.25
 
 
-@pytest.fixture(scope="module")
-def run(tiny_model, tmp_path_factory):
-    return run_engine(tiny_model, tmp_path_factory.mktemp("e2e-int4h"), "int4h",
-                      [{"name": "cold", "prompts": [P1]}, {"name": "warm", "prompts": [P1]}],
-                      kvplug={"cpu_bytes": "64MiB", "codec": "int4h"})
+@pytest.fixture(scope="module", params=["int4h", "int4kc"])
+def run(request, tiny_model, tmp_path_factory):
+    codec = request.param
+    return codec, run_engine(tiny_model, tmp_path_factory.mktemp(f"e2e-{codec}"), codec,
+                             [{"name": "cold", "prompts": [P1]}, {"name": "warm", "prompts": [P1]}],
+                             kvplug={"cpu_bytes": "64MiB", "codec": codec})
 
 
-def test_int4h_restored_prompt_is_close_to_exact(run, reference):
+def test_restored_prompt_is_close_to_exact(run, reference):
+    codec, run = run
     (cold,) = run["steps"]["cold"]["outputs"]
     (warm,) = run["steps"]["warm"]["outputs"]
     ref = reference["P1"][0]
@@ -29,7 +31,7 @@ def test_int4h_restored_prompt_is_close_to_exact(run, reference):
     first = {t: abs(warm["logprobs"][0][t] - ref["logprobs"][0][t]) for t in set(warm["logprobs"][0]) & set(ref["logprobs"][0])}
     worst = max_logprob_diff(warm, ref)
     agree = next((i for i, (a, b) in enumerate(zip(warm["token_ids"], ref["token_ids"])) if a != b), len(ref["token_ids"]))
-    print(f"int4h: first-token top-5 max |dlogprob| {max(first.values()):.4f}; over the first {agree} "
+    print(f"{codec}: first-token top-5 max |dlogprob| {max(first.values()):.4f}; over the first {agree} "
           f"agreeing tokens {worst:.4f}; bytes per block {run['steps']['warm']['counters']['load_bytes'] // 3}")
     assert warm["token_ids"][0] == ref["token_ids"][0]
     assert max(first.values()) <= MAX_FIRST_TOKEN_DIFF
