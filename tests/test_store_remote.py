@@ -12,7 +12,7 @@ import pytest
 from kvplug.blocks import StoreEntry
 from kvplug.keys import block_key, chain_keys
 from kvplug.tools.valkey_server import PASSWORD, USER, Server, stop_all
-from test_store import LAYOUT, data_for, make
+from store_helpers import LAYOUT, data_for, make
 
 
 def put_chain(store, tokens) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from test_store import FakeSSD, data_for, make, put_chain
+from store_helpers import FakeSSD, data_for, make, put_chain
 
 
 class HeldReads(FakeSSD):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvplug.keys import block_key
-from test_store import ROOT, STRIDE, check_bytes, make, put_chain
+from store_helpers import ROOT, STRIDE, check_bytes, make, put_chain
 
 
 def test_ssd_evictions_leave_the_store_index(tmp_path):
