@@ -135,8 +135,9 @@ class KVPlugConnector(KVConnectorBase_V1):
     # -- both ------------------------------------------------------------------
 
     def get_kv_connector_stats(self) -> KVPlugStats | None:
-        half = self.scheduler or self.worker
-        return half.stats.take()
+        if self.scheduler is not None:
+            return self.scheduler.take_stats()
+        return self.worker.stats.take()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVPlugStats:

@@ -35,7 +35,7 @@ from .metadata import KVPlugMetadata, KVPlugWorkerMetadata, LoadJob, SaveJob
 from .remote_lookup import RemoteLookups
 from .request_state import LoadPhase, RequestState
 from .ssd_promotions import SSDPromotions
-from .stats import KVPlugStats
+from .stats import KVPlugStats, TierBytes
 
 log = logging.getLogger("vllm.kvplug")  # under vLLM's logger: its handlers and format
 
@@ -49,6 +49,7 @@ class SchedulerHalf:
                                  name=CPUTier.unique_name(f"kvplug-{engine_id}"), events=kv_events)
         self._events = KVEventLog(self.T) if kv_events else None
         self.stats = KVPlugStats()
+        self._tier_bytes = TierBytes(self.store)
         self.policy = LoadPolicy(config.load_policy)
         self.remote = None if self.store.remote is None else \
             RemoteLookups(self.store, self.policy, self.stats, config, self.T, geo.block_bytes)
@@ -378,6 +379,10 @@ class SchedulerHalf:
         if st.handle is not None:
             self.store.complete_load(st.handle)
         st.move(LoadPhase.NONE)
+
+    def take_stats(self) -> KVPlugStats | None:
+        self._tier_bytes.count(self.stats)
+        return self.stats.take()
 
     def shutdown(self) -> None:
         for st in self._reqs.values():

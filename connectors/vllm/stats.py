@@ -41,6 +41,10 @@ COUNTERS = {
     "slab_unpinned": "Workers whose CPU slab could not be page-locked (GPU transfers fall back to the host transport)",
     "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
     "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
+    "ssd_read_bytes": "Bytes read from the SSD tier (promotions to the CPU tier)",
+    "ssd_write_bytes": "Bytes written to the SSD tier (write-through or write-back)",
+    "remote_read_bytes": "Record bytes fetched from the remote tier",
+    "remote_write_bytes": "Record bytes written to the remote tier",
 }
 
 
@@ -70,6 +74,24 @@ class KVPlugStats(KVConnectorStats):
         out = KVPlugStats(data=self.data)
         self.data = {}
         return out
+
+
+class TierBytes:
+    """Bytes each backing tier moved since the last step, counted into the scheduler's stats
+    (the tiers move them on their own threads; their running totals are read once a step)."""
+
+    def __init__(self, store):
+        self._tiers = [(name, tier) for name, tier in (("ssd", store.ssd), ("remote", store.remote))
+                       if tier is not None]
+        self._seen = {name: (0, 0) for name, _ in self._tiers}
+
+    def count(self, stats: KVPlugStats) -> None:
+        for name, tier in self._tiers:
+            read, written = tier.bytes_moved()
+            seen_read, seen_written = self._seen[name]
+            stats.add(f"{name}_read_bytes", read - seen_read)
+            stats.add(f"{name}_write_bytes", written - seen_written)
+            self._seen[name] = (read, written)
 
 
 class KVPlugPromMetrics(KVConnectorPromMetrics):

@@ -52,7 +52,8 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 
 def summary(kv: dict[str, float]) -> dict[str, float]:
-    """Hit rates per tier, and bytes loaded and saved (all tiers together), from kvplug's counters."""
+    """Hit rates per tier, bytes loaded into and saved from vLLM's KV cache (through the CPU tier),
+    and bytes each backing tier read and wrote, from kvplug's counters."""
     looked = kv.get("lookup_tokens", 0.0)
     hit = kv.get("hit_tokens", 0.0)
     return {"lookup_tokens": looked, "hit_tokens": hit,
@@ -61,6 +62,8 @@ def summary(kv: dict[str, float]) -> dict[str, float]:
             "hit_rate_cpu": kv.get("hit_tokens_cpu", 0.0) / looked if looked else 0.0,
             "hit_rate_ssd": kv.get("hit_tokens_ssd", 0.0) / looked if looked else 0.0,
             "load_bytes": kv.get("load_bytes", 0.0), "save_bytes": kv.get("save_bytes", 0.0),
+            **{f"{tier}_{way}_bytes": kv.get(f"{tier}_{way}_bytes", 0.0)
+               for tier in ("ssd", "remote") for way in ("read", "write")},
             "stored_blocks": kv.get("stored_blocks", 0.0), "loaded_blocks": kv.get("loaded_blocks", 0.0),
             "errors": sum(kv.get(k, 0.0) for k in ("load_failed_blocks", "promotion_failed_blocks",
                                                     "promotion_timeouts"))}

@@ -219,9 +219,17 @@ def _itl(runs: list[dict]) -> str:
 
 
 def _bytes(s: dict) -> str:
-    """MiB kvplug decoded into vLLM's KV cache / encoded out of it, all tiers together."""
+    """MiB kvplug decoded into vLLM's KV cache / encoded out of it (through the CPU tier), then what the
+    SSD and remote tiers read / wrote where they moved anything (results files since per-tier counters)."""
     kv = s.get("kvplug")
-    return f"{kv['load_bytes'] / 2**20:,.0f} / {kv['save_bytes'] / 2**20:,.0f}" if kv else "-"
+    if not kv:
+        return "-"
+    out = f"{kv['load_bytes'] / 2**20:,.0f} / {kv['save_bytes'] / 2**20:,.0f}"
+    for tier in ("ssd", "remote"):
+        read, written = kv.get(f"{tier}_read_bytes", 0.0), kv.get(f"{tier}_write_bytes", 0.0)
+        if read or written:
+            out += f"; {tier} {read / 2**20:,.0f} / {written / 2**20:,.0f}"
+    return out
 
 
 def _rss(runs: list[dict]) -> str:
@@ -248,8 +256,8 @@ COLUMNS = ["configuration", "TTFT p50 (s)", "TTFT p90 (s)", "p50 vs vLLM", "TPOT
            "runs, spread", "load avg"]
 NOTES = ("TPOT: a request's mean gap between tokens, median over requests; ITL: every gap between streamed "
          "tokens, over all requests (- : results files that kept only TPOT). kvplug MiB loaded / saved: "
-         "decoded into and encoded out of vLLM's KV cache, all tiers together (kvplug's /metrics count no "
-         "bytes per tier). Peak RSS: the server's process tree (for LMCache plus its server's); a shared-memory "
+         "decoded into and encoded out of vLLM's KV cache through the CPU tier; then, where a tier moved any, "
+         "MiB the SSD / remote tier read / wrote (results files before per-tier counters have none). Peak RSS: the server's process tree (for LMCache plus its server's); a shared-memory "
          "slab (kvplug's CPU tier) counts in every process that maps it.")
 
 

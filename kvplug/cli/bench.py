@@ -6,7 +6,7 @@ run:    starts one ``kvplug serve`` per configuration (same model, thread
         and writes one results file per run (machine, versions, load average,
         exact configuration, every request's TTFT / inter-token gaps / TPOT /
         end-to-end time, hit tokens per tier, bytes kvplug loaded and saved
-        (all tiers together), peak RSS and CPU seconds of the server tree).
+        and bytes each backing tier read and wrote, peak RSS and CPU seconds of the server tree).
 report: plots (TTFT p50/p90 per configuration, throughput vs concurrency,
         hit rate per tier) and the README figures table, from results files.
 

@@ -66,7 +66,10 @@ def run(args) -> int:
               f"{s['hit_tokens_cpu']:,.0f} ({s['hit_rate_cpu']:.1%}), SSD tier {s['hit_tokens_ssd']:,.0f} "
               f"({s['hit_rate_ssd']:.1%})")
         print(f"  blocks     stored {s['stored_blocks']:,.0f}, loaded {s['loaded_blocks']:,.0f}")
-        print(f"  bytes      saved {s['save_bytes'] / 2**20:,.1f} MiB, loaded {s['load_bytes'] / 2**20:,.1f} MiB")
+        print(f"  bytes      saved {s['save_bytes'] / 2**20:,.1f} MiB, loaded {s['load_bytes'] / 2**20:,.1f} MiB "
+              f"(vLLM's KV cache <-> CPU tier); SSD read {s['ssd_read_bytes'] / 2**20:,.1f} / wrote "
+              f"{s['ssd_write_bytes'] / 2**20:,.1f} MiB; remote read {s['remote_read_bytes'] / 2**20:,.1f} / "
+              f"wrote {s['remote_write_bytes'] / 2**20:,.1f} MiB")
         print(f"  errors     {s['errors']:,.0f} (failed loads and promotions, promotion timeouts)")
         if v.get("prefix_cache_queries"):
             print(f"  vLLM's own prefix cache: {v['prefix_cache_hits']:,.0f} of {v['prefix_cache_queries']:,.0f} "

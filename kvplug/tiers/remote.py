@@ -331,6 +331,11 @@ class RemoteTier:
         with self._lock:
             self._counts.update(counts)
 
+    def bytes_moved(self) -> tuple[int, int]:
+        """(bytes read, bytes written) so far: two counters, cheap enough for every step."""
+        with self._lock:
+            return self._counts.get("bytes_read", 0), self._counts.get("bytes_written", 0)
+
     def stats(self) -> dict[str, int | float | str]:
         with self._lock:
             counts = dict(self._counts)

@@ -276,6 +276,11 @@ class SSDTier(SSDWorkers, SSDStartup):
             out.update(self._index.stats)
         return out
 
+    def bytes_moved(self) -> tuple[int, int]:
+        """(bytes read, bytes written) so far: two counters, cheap enough for every step."""
+        with self._index.lock:
+            return self._index.stats["read_bytes"], self._index.stats["write_bytes"]
+
     # -- shared ---------------------------------------------------------------
 
     def _slot_buffer(self, data, for_write: bool) -> tuple[memoryview, bool]:

@@ -165,3 +165,12 @@ def test_files_without_a_session_pair_by_file_number_and_say_so(tmp_path):
     assert report.pairing(docs[1:], docs[:1]) == "†"
     table = report.markdown(docs, {})
     assert "| 0.25† |" in table and "† paired with vLLM alone by results file number" in table
+
+
+def test_the_bytes_column_adds_what_each_backing_tier_moved():
+    cpu_only = {"kvplug": {"load_bytes": 3 << 20, "save_bytes": 5 << 20}}
+    assert report._bytes(cpu_only) == "3 / 5"  # results files from before the per-tier counters
+    tiers = {"kvplug": {"load_bytes": 3 << 20, "save_bytes": 5 << 20, "ssd_read_bytes": 2 << 20,
+                        "ssd_write_bytes": 7 << 20, "remote_read_bytes": 0.0, "remote_write_bytes": 0.0}}
+    assert report._bytes(tiers) == "3 / 5; ssd 2 / 7"
+    assert report._bytes({"kvplug": None}) == "-"

@@ -352,6 +352,9 @@ def test_ssd_blocks_are_promoted_before_the_request_runs(tmp_path, device):
         second.sched._reqs["b"].handle.wait(10)
     assert second.schedule(b) == 47
     assert second.sched.stats.data["hit_tokens_ssd"] == 47
+    taken = second.sched.take_stats()  # what the step's stats carry: the SSD bytes read for b
+    assert taken.data["ssd_read_bytes"] == 3 * second.sched.store.block_bytes
+    assert "ssd_write_bytes" not in taken.data and second.sched.take_stats() is None  # counted once
     second.step({b: 1})
     for pos in range(47):
         assert torch.equal(second.kv_of(b, pos).cpu(), kv_value(tokens[:pos + 1], NAMES[-1]))
