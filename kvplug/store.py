@@ -133,7 +133,19 @@ class TieredStore(SSDTransfers, RemoteTransfers):
                 hit_tokens += n
             hit = Hit(hit_tokens, refs)
             self._stats.count_lookup(len(tokens), hit)
-            return hit
+            bad, self._index.bad = self._index.bad, []
+        if bad:  # manifest rows that do not chain, found at their first lookup (index_check.py)
+            self._reject(bad)
+        return hit
+
+    def _reject(self, keys: list[bytes]) -> None:
+        """Drop the SSD rows of blocks that failed their chain check (SSDTier.reject counts them)."""
+        reject = getattr(self.ssd, "reject", None)
+        if reject is not None:
+            reject(keys)
+        else:
+            for key in keys:
+                self.ssd.delete(key)
 
     # -- store ------------------------------------------------------------------
 

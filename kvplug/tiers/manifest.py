@@ -23,13 +23,13 @@ import concurrent.futures as cf
 import logging
 import os
 import sqlite3
-import struct
 import threading
 from typing import Iterable, NamedTuple
 
 import numpy as np
-import xxhash
 
+from kvplug.tiers import row_check as row_checks
+from kvplug.tiers.row_check import intact as _intact, row_check  # noqa: F401  (re-exported)
 from kvplug.tiers.ssd_dir import UnsafeDirectory, check_sqlite, private_sqlite
 
 log = logging.getLogger("kvplug")
@@ -72,33 +72,6 @@ class Row(NamedTuple):
         return (*self, row_check(self))
 
 
-_LEN = struct.Struct("<Q").pack
-_INTS = struct.Struct("<qqqq").pack
-
-
-def row_check(r: Row) -> int:
-    """Catches a damaged row that SQLite's own checks let through (a flipped key, slot, ...)."""
-    key, parent, tokens, fingerprint = r[0], r[1], r[2], r[6]
-    c = xxhash.xxh3_64_intdigest(b"".join((  # each blob after its length, then the integers
-        _LEN(len(key)), key, _LEN(len(parent)), parent, _LEN(len(tokens)), tokens,
-        _LEN(len(fingerprint)), fingerprint, _INTS(r[3], r[4], r[5], r[7]))))
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _intact(r: tuple) -> bool:
-    # Rows may come from a damaged file: trust nothing, not even types.
-    if len(r) != 10:
-        return False
-    key, parent, tokens, segment, slot, checksum, fingerprint, fmt, last_access, check = r
-    if not (type(key) is type(parent) is type(tokens) is type(fingerprint) is bytes
-            and type(segment) is type(slot) is type(checksum) is type(fmt) is type(last_access)
-            is type(check) is int):
-        return False
-    try:
-        return check == row_check(r)
-    except struct.error:  # an integer outside int64
-        return False
-
 
 class Manifest:
     """Thread-safe. ``insert`` is group-committed; every other update is one short transaction."""
@@ -119,8 +92,8 @@ class Manifest:
                     "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
                     "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
             rows = self._all_rows()
-            intact = [_intact(r) for r in rows]
-            bad = [(r[0],) for r, ok in zip(rows, intact) if not ok]
+            intact, blobs, ints = row_checks.columns(rows)
+            bad = [(rows[i][0],) for i in np.flatnonzero(~intact).tolist()]
             if bad:
                 with self._conn:
                     self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
@@ -132,14 +105,18 @@ class Manifest:
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
-            intact = [_intact(r) for r in rows]
-        good = [r for r, ok in zip(rows, intact) if ok]
-        # Oldest access first (sorted here: cheaper than SQLite's ORDER BY on an unindexed column).
-        clocks = np.fromiter((r[8] for r in good), np.int64, len(good))
-        self.rows: list[tuple] = [good[i] for i in np.argsort(clocks, kind="stable").tolist()]  # Row's fields + row_check
-        self.dropped_rows = len(rows) - len(self.rows)  # damaged, and deleted
-        self.oversized_rows = max(oversized, 0)           # a blob past max_blob: deleted unread
-        self.dropped_keys = [r[0] for r, ok in zip(rows, intact) if not ok and r and isinstance(r[0], bytes)]
+            intact, blobs, ints = row_checks.columns(rows)
+        # The intact rows, as columns in the order read (``row_check.columns``), and the
+        # order of their last access, oldest first (cheaper than SQLite's ORDER BY on an
+        # unindexed column; the columns stay put: the rows' objects lie in memory as read).
+        self.blobs: list[list[bytes]] = blobs  # keys, parents, tokens, fingerprints
+        self.ints: np.ndarray = ints           # segment, slot, checksum, format, last_access, row_check
+        self.order: np.ndarray = np.argsort(ints[:, 4], kind="stable")
+        self.dropped_rows = len(rows) - len(ints)  # damaged, and deleted
+        self.oversized_rows = max(oversized, 0)     # a blob past max_blob: deleted unread
+        self.dropped_keys = [rows[i][0] for i in np.flatnonzero(~intact).tolist()
+                             if rows[i] and isinstance(rows[i][0], bytes)]
+        del rows
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False
