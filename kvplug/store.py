@@ -116,19 +116,21 @@ class TieredStore(SSDTransfers, RemoteTransfers):
         """The longest prefix of ``tokens`` stored under ``root`` (default: the store's
         fingerprint), block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
-        bt, refs, hit_tokens = self.block_tokens, [], 0
+        bt, refs, hit_tokens, new = self.block_tokens, [], 0, tuple.__new__  # new: BlockRef without its Python __new__
         with self._lock:
-            resident = self._resident
+            get = self._resident.get
             for key, n in self._index.match(tokens, root):
-                block = resident.get(key)
-                if block is not None and block.visible:
+                block = get(key)
+                if block is None:  # the SSD tier tells the store what it drops; a drop racing
+                    ref = new(BlockRef, (key, n, "ssd", None))  # this lookup ends the hit at prepare_load
+                elif block.visible:
                     ref = block.ref
                     if ref is None or n != bt:
                         ref = BlockRef(key, n, "cpu", block.slot)
                         if n == bt:
                             block.ref = ref
-                else:  # the SSD tier tells the store what it drops; a drop racing this lookup
-                    ref = BlockRef(key, n, "ssd", None)  # ends the hit at prepare_load
+                else:
+                    ref = new(BlockRef, (key, n, "ssd", None))
                 refs.append(ref)
                 hit_tokens += n
             hit = Hit(hit_tokens, refs)

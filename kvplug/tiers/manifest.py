@@ -73,6 +73,24 @@ class Row(NamedTuple):
 
 
 
+CHUNK_ROWS = 32768  # rows fetched and checked at a time: their objects are still in the CPU's caches
+
+
+def _checked_columns(chunks) -> tuple[list[list[bytes]], np.ndarray, list[tuple]]:
+    """The intact rows of ``chunks`` (a cursor, or an iterator of row lists) as columns
+    (``row_check.columns``), and the rows that are not."""
+    blobs: list[list[bytes]] = [[], [], [], []]
+    ints, bad = [np.zeros((0, 6), np.int64)], []
+    fetch = chunks.fetchmany if isinstance(chunks, sqlite3.Cursor) else None
+    while rows := (fetch(CHUNK_ROWS) if fetch else next(chunks, None)):
+        intact, part, numbers = row_checks.columns(rows)
+        for column, more in zip(blobs, part):
+            column.extend(more)
+        ints.append(numbers)
+        bad += [rows[i] for i in np.flatnonzero(~intact).tolist()]
+    return blobs, np.concatenate(ints), bad
+
+
 class Manifest:
     """Thread-safe. ``insert`` is group-committed; every other update is one short transaction."""
 
@@ -91,12 +109,10 @@ class Manifest:
                 oversized = self._conn.execute(
                     "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
                     "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
-            rows = self._all_rows()
-            intact, blobs, ints = row_checks.columns(rows)
-            bad = [(rows[i][0],) for i in np.flatnonzero(~intact).tolist()]
-            if bad:
+            blobs, ints, bad_rows = _checked_columns(self._conn.execute(self._select()))
+            if bad_rows:
                 with self._conn:
-                    self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
+                    self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in bad_rows])
         except UnsafeDirectory:
             if self._conn is not None:
                 self._conn.close()
@@ -105,18 +121,16 @@ class Manifest:
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
-            intact, blobs, ints = row_checks.columns(rows)
+            blobs, ints, bad_rows = _checked_columns(iter([rows]))
         # The intact rows, as columns in the order read (``row_check.columns``), and the
         # order of their last access, oldest first (cheaper than SQLite's ORDER BY on an
         # unindexed column; the columns stay put: the rows' objects lie in memory as read).
         self.blobs: list[list[bytes]] = blobs  # keys, parents, tokens, fingerprints
         self.ints: np.ndarray = ints           # segment, slot, checksum, format, last_access, row_check
         self.order: np.ndarray = np.argsort(ints[:, 4], kind="stable")
-        self.dropped_rows = len(rows) - len(ints)  # damaged, and deleted
-        self.oversized_rows = max(oversized, 0)     # a blob past max_blob: deleted unread
-        self.dropped_keys = [rows[i][0] for i in np.flatnonzero(~intact).tolist()
-                             if rows[i] and isinstance(rows[i][0], bytes)]
-        del rows
+        self.dropped_rows = len(bad_rows)        # damaged, and deleted
+        self.oversized_rows = max(oversized, 0)  # a blob past max_blob: deleted unread
+        self.dropped_keys = [r[0] for r in bad_rows if r and isinstance(r[0], bytes)]
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False
