@@ -36,9 +36,9 @@ and lives in flat arrays indexed by it:
   lookup first reaches them: one that fails is removed, its key put on
   ``bad`` (for the store to drop its row), and the match stops before it.
 
-Per block: key 16 + parent 16 + table 8..16 + hash 4 + kids 4 + length 4 +
+Per block: key 16 + parent 16 + table 8..16 + hash 4 + kids 4 + length 4 + checked 1 +
 tokens (4 each while int32): ~115 bytes at 16 tokens a block, ~560 at 128
-(the old dict-and-object index: ~880 and ~1,770 of RSS; bench/scale.py).
+(the old dict-and-object index: ~880 and ~1,770 of RSS; bench/scale_index.py).
 Memory stays at the peak block count: removed ids are reused, never returned.
 Not thread-safe: the store serialises calls.
 """

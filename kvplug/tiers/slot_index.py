@@ -4,7 +4,7 @@ One lock guards it all. No I/O happens here; the tier sequences that against
 the manifest (a slot comes back to ``free`` only once no committed row names it).
 
 Compact, because a large tier holds millions of blocks: nothing is a Python
-object per slot. Per slot of capacity (about 50 bytes; bench/scale_store.py):
+object per slot. Per slot of capacity (about 50 bytes; bench/scale.py):
   _keys      its key and the key -> slot table (kvplug/key_table.py)
   _state     FREE, LIVE, FOREIGN (stored under another fingerprint or
              format: kept, never served, evicted first), DROPPED (row
