@@ -24,10 +24,12 @@ import logging
 import os
 import sqlite3
 import threading
+from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 import numpy as np
 
+from kvplug.keys import KEY_BYTES
 from kvplug.tiers import row_check as row_checks
 from kvplug.tiers.row_check import intact as _intact, row_check  # noqa: F401  (re-exported)
 from kvplug.tiers.ssd_dir import UnsafeDirectory, check_sqlite, private_sqlite
@@ -76,19 +78,30 @@ class Row(NamedTuple):
 CHUNK_ROWS = 32768  # rows fetched and checked at a time: their objects are still in the CPU's caches
 
 
-def _checked_columns(chunks) -> tuple[list[list[bytes]], np.ndarray, list[tuple]]:
+@dataclass
+class StartupColumns(row_checks.Columns):
+    hashes: np.ndarray = None  # [n] hash(key) & 0xFFFFFFFF: the tables' home slots
+
+
+def _checked_columns(chunks) -> tuple[StartupColumns, list[tuple]]:
     """The intact rows of ``chunks`` (a cursor, or an iterator of row lists) as columns
-    (``row_check.columns``), and the rows that are not."""
-    blobs: list[list[bytes]] = [[], [], [], []]
-    ints, bad = [np.zeros((0, 6), np.int64)], []
+    (``row_check.columns``), with their keys' hashes; and the rows that are not intact."""
+    parts, hashes, bad = [], [], []
     fetch = chunks.fetchmany if isinstance(chunks, sqlite3.Cursor) else None
     while rows := (fetch(CHUNK_ROWS) if fetch else next(chunks, None)):
-        intact, part, numbers = row_checks.columns(rows)
-        for column, more in zip(blobs, part):
-            column.extend(more)
-        ints.append(numbers)
+        intact, part = row_checks.columns(rows)
+        parts.append(part)
+        hashes.append(np.fromiter(map(hash, part.blobs[0]), np.int64, len(part.ints)) & 0xFFFFFFFF)
         bad += [rows[i] for i in np.flatnonzero(~intact).tolist()]
-    return blobs, np.concatenate(ints), bad
+    if not parts:
+        return StartupColumns([[], [], [], []], np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64),
+                              np.zeros((0, 3, KEY_BYTES), np.uint8), np.zeros(0, np.int64)), bad
+    blobs = [[], [], [], []]
+    for part in parts:
+        for column, more in zip(blobs, part.blobs):
+            column.extend(more)
+    return StartupColumns(blobs, *(np.concatenate([getattr(p, name) for p in parts])
+                                   for name in ("ints", "lengths", "sides")), np.concatenate(hashes)), bad
 
 
 class Manifest:
@@ -109,7 +122,7 @@ class Manifest:
                 oversized = self._conn.execute(
                     "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
                     "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
-            blobs, ints, bad_rows = _checked_columns(self._conn.execute(self._select()))
+            columns, bad_rows = _checked_columns(self._conn.execute(self._select()))
             if bad_rows:
                 with self._conn:
                     self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in bad_rows])
@@ -121,13 +134,12 @@ class Manifest:
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
-            blobs, ints, bad_rows = _checked_columns(iter([rows]))
+            columns, bad_rows = _checked_columns(iter([rows]))
         # The intact rows, as columns in the order read (``row_check.columns``), and the
         # order of their last access, oldest first (cheaper than SQLite's ORDER BY on an
         # unindexed column; the columns stay put: the rows' objects lie in memory as read).
-        self.blobs: list[list[bytes]] = blobs  # keys, parents, tokens, fingerprints
-        self.ints: np.ndarray = ints           # segment, slot, checksum, format, last_access, row_check
-        self.order: np.ndarray = np.argsort(ints[:, 4], kind="stable")
+        self.columns: StartupColumns | None = columns  # taken by the tier's start-up
+        self.order: np.ndarray = np.argsort(columns.ints[:, 4], kind="stable")
         self.dropped_rows = len(bad_rows)        # damaged, and deleted
         self.oversized_rows = max(oversized, 0)  # a blob past max_blob: deleted unread
         self.dropped_keys = [r[0] for r in bad_rows if r and isinstance(r[0], bytes)]

@@ -13,6 +13,7 @@ whose columns are not all of the right type, go through ``intact`` one by one.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from itertools import compress
 from operator import itemgetter
 
@@ -50,11 +51,25 @@ def intact(r: tuple) -> bool:
         return False
 
 
-def columns(rows: list[tuple]) -> tuple[np.ndarray, list[list[bytes]], np.ndarray]:
-    """Check every row; (``intact(r)`` of each row as a bool array, the intact rows' blob
-    columns [keys, parents, tokens, fingerprints] as lists, their integer columns
-    [n, 6]: segment, slot, checksum, format, last_access, row_check). Columns are taken
-    once, in the rows' order (a start-up's millions of rows are visited sequentially)."""
+@dataclass
+class Columns:
+    """Rows, column by column, in their order: each blob column as a list, and what a
+    start-up needs of them as arrays, made while a chunk's objects are in the CPU's caches."""
+    blobs: list[list[bytes]]  # keys, parents, tokens, fingerprints
+    ints: np.ndarray          # [n, 6]: segment, slot, checksum, format, last_access, row_check
+    lengths: np.ndarray       # [n, 4]: bytes of key, parent, tokens, fingerprint
+    sides: np.ndarray         # [n, 3, 16] uint8: key, parent, fingerprint (zeros where not 16 bytes)
+
+    def __getitem__(self, keep: np.ndarray) -> "Columns":
+        at = np.flatnonzero(keep).tolist()
+        return Columns([list(map(c.__getitem__, at)) for c in self.blobs], self.ints[keep],
+                       self.lengths[keep], self.sides[keep])
+
+
+def columns(rows: list[tuple]) -> tuple[np.ndarray, Columns]:
+    """Check every row: (``intact(r)`` of each row as a bool array, the intact rows'
+    columns). Columns are taken once, in the rows' order (a start-up's millions of rows
+    are visited sequentially)."""
     n = len(rows)
     if n and set(map(len, rows)) == {10}:
         cols = [list(map(itemgetter(c), rows)) for c in range(10)]
@@ -65,45 +80,52 @@ def columns(rows: list[tuple]) -> tuple[np.ndarray, list[list[bytes]], np.ndarra
             except OverflowError:  # an integer outside int64 (SQLite never returns one)
                 pass
             else:
-                blobs = [cols[c] for c in _BLOB_COLUMNS]
+                table = _columns([cols[c] for c in _BLOB_COLUMNS], ints)
                 del cols
-                ok = _checks_hold(blobs, ints)
-                if not ok.all():
-                    blobs = [list(compress(c, ok)) for c in blobs]
-                    ints = ints[ok]
-                return ok, blobs, ints
+                ok = _checks_hold(table)
+                return ok, (table if ok.all() else table[ok])
     ok = np.fromiter(map(intact, rows), bool, n)  # a damaged file: row by row
     good = list(compress(rows, ok))
-    blobs = [list(map(itemgetter(c), good)) for c in _BLOB_COLUMNS]
     ints = np.array([list(map(itemgetter(c), good)) for c in _INT_COLUMNS], np.int64).reshape(6, -1).T.copy()
-    return ok, blobs, ints
+    return ok, _columns([list(map(itemgetter(c), good)) for c in _BLOB_COLUMNS], ints)
 
 
-def _checks_hold(blobs: list[list[bytes]], ints: np.ndarray) -> np.ndarray:
+def _columns(blobs: list[list[bytes]], ints: np.ndarray) -> Columns:
     n = len(ints)
-    ok = np.zeros(n, bool)
-    lengths = [np.fromiter(map(len, c), np.int64, n) for c in blobs]
-    regular = (lengths[0] == _SIDE) & (lengths[1] == _SIDE) & (lengths[3] == _SIDE)
-    for size in np.unique(lengths[2][regular]).tolist():
-        at = regular & (lengths[2] == size)
+    lengths = np.stack([np.fromiter(map(len, c), np.int64, n) for c in blobs], axis=1).reshape(n, 4)
+    sides = np.zeros((n, 3, _SIDE), np.uint8)
+    for j, c in enumerate((0, 1, 3)):
+        ok = lengths[:, c] == _SIDE
+        picked = blobs[c] if ok.all() else [blobs[c][i] for i in np.flatnonzero(ok).tolist()]
+        sides[ok, j] = np.frombuffer(b"".join(picked), np.uint8).reshape(-1, _SIDE)
+    return Columns(blobs, ints, lengths, sides)
+
+
+def _checks_hold(table: Columns) -> np.ndarray:
+    blobs, ints, lengths = table.blobs, table.ints, table.lengths
+    ok = np.zeros(len(ints), bool)
+    regular = (lengths[:, 0] == _SIDE) & (lengths[:, 1] == _SIDE) & (lengths[:, 3] == _SIDE)
+    for size in np.unique(lengths[regular, 2]).tolist():
+        at = regular & (lengths[:, 2] == size)
         idx = np.flatnonzero(at)
-        picked = blobs if at.all() else [list(map(c.__getitem__, idx.tolist())) for c in blobs]
-        ok[idx] = _check_shape(picked, size, ints[idx])
+        tokens = blobs[2] if at.all() else [blobs[2][i] for i in idx.tolist()]
+        ok[idx] = _check_shape(table.sides[idx], tokens, size, ints[idx])
     for i in np.flatnonzero(~regular).tolist():
         r = (blobs[0][i], blobs[1][i], blobs[2][i], *ints[i, :3].tolist(), blobs[3][i], *ints[i, 3:].tolist())
         ok[i] = intact(r)
     return ok
 
 
-def _check_shape(blobs: list[list[bytes]], size: int, ints: np.ndarray) -> np.ndarray:
+def _check_shape(sides: np.ndarray, tokens: list[bytes], size: int, ints: np.ndarray) -> np.ndarray:
     """The checks of rows with 16-byte key, parent and fingerprint and ``size`` bytes of
     tokens, laid out side by side as ``row_check`` hashes them."""
     n, width = len(ints), 4 * 8 + 3 * _SIDE + size + 32
     buf = np.zeros((n, width), np.uint8)
     at = 0
-    for column, blob_len in zip(blobs, (_SIDE, _SIDE, size, _SIDE)):
+    for column, blob_len in ((sides[:, 0], _SIDE), (sides[:, 1], _SIDE), (tokens, size), (sides[:, 2], _SIDE)):
         buf[:, at:at + 8] = np.frombuffer(_LEN(blob_len), np.uint8)
-        buf[:, at + 8:at + 8 + blob_len] = np.frombuffer(b"".join(column), np.uint8).reshape(n, blob_len)
+        buf[:, at + 8:at + 8 + blob_len] = column if blob_len == _SIDE and column is not tokens else \
+            np.frombuffer(b"".join(column), np.uint8).reshape(n, blob_len)
         at += 8 + blob_len
     buf[:, at:] = np.ascontiguousarray(ints[:, :4], "<i8").view(np.uint8).reshape(n, 32)
     flat, digest = memoryview(buf.reshape(-1)), xxhash.xxh3_64_intdigest

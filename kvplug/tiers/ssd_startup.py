@@ -41,21 +41,22 @@ class SSDStartup:
     def _load(self) -> tuple[SlotIndex, list[bytes]]:
         """Index the manifest's rows; drop (and count) the ones that cannot be right.
         Also returns the keys dropped (for ``on_drop``)."""
-        manifest = self._manifest
-        keys, parents, tokens, fingerprints = manifest.blobs  # intact rows, as read
-        ints, order = manifest.ints, manifest.order            # order: oldest access first
+        manifest, columns = self._manifest, self._manifest.columns  # intact rows, as read
+        keys, parents, tokens, _ = columns.blobs
+        ints, order = columns.ints, manifest.order  # order: oldest access first
         n, per_segment, num_slots = len(ints), self.slots_per_segment, self.num_slots
         segment, slot, checksum, fmt, clock = (ints[:, c] for c in range(5))
         # Failed their row check, or held a blob too long to read: deleted by the manifest.
         problems = Counter({"row_check": manifest.dropped_rows, "oversized": manifest.oversized_rows})
-        own = np.fromiter(map(self.fingerprint.__eq__, fingerprints), bool, n) & (fmt == FORMAT_VERSION)
-        tok_bytes = np.fromiter(map(len, tokens), np.int64, n)
+        lengths, sides = columns.lengths, columns.sides
+        mine_fp = np.frombuffer(self.fingerprint, np.uint8)
+        own = (lengths[:, 3] == KEY_BYTES) & (sides[:, 2] == mine_fp).all(axis=1) & (fmt == FORMAT_VERSION)
+        tok_bytes = lengths[:, 2]
         count = tok_bytes // 8
 
         problem = np.zeros(n, np.int8)  # an index into _PROBLEMS, the first that applies
         for code, bad in enumerate((
-                (np.fromiter(map(len, keys), np.int64, n) != KEY_BYTES)
-                | (np.fromiter(map(len, parents), np.int64, n) != KEY_BYTES),
+                (lengths[:, 0] != KEY_BYTES) | (lengths[:, 1] != KEY_BYTES),
                 (tok_bytes % 8 != 0) | (count < 1) | (count > self._max_tokens),
                 (segment < 0) | (slot < 0) | (slot >= per_segment),
                 (clock < 0) | (clock >= MAX_CLOCK)), start=1):
@@ -84,13 +85,11 @@ class SSDStartup:
 
         index = SlotIndex(num_slots, tags=self._mac_key is not None,
                           clock=int(clock[clock < MAX_CLOCK].max(initial=0)) if n else 0)
-        at = np.flatnonzero(kept)
-        at_list = at.tolist()
-        kept_keys = b"".join(map(keys.__getitem__, at_list))
-        hashes = np.fromiter(map(hash, map(keys.__getitem__, at_list)), np.int64, len(at)) & 0xFFFFFFFF
         tags = [] if self._mac_key is None else [
-            (int(g[i]), slot_header.meta_digest(keys[i], parents[i], tokens[i])) for i in at_list if own[i]]
-        index.load(kept_keys, hashes, g[kept], checksum[kept], ~own[kept], clock[kept], tags)
+            (int(g[i]), slot_header.meta_digest(keys[i], parents[i], tokens[i]))
+            for i in np.flatnonzero(kept & own).tolist()]
+        index.load(sides[kept, 0].tobytes(), columns.hashes[kept], g[kept], checksum[kept], ~own[kept],
+                   clock[kept], tags)
         del tags
 
         drop = np.flatnonzero((problem > 0) | shrunk).tolist()
@@ -118,12 +117,10 @@ class SSDStartup:
         # The index's blocks: own rows kept, oldest access first (gathered by vector ops from
         # the columns above); their chains are checked at first use.
         ours = order[(kept & own)[order]]
-        in_kept, in_mine = np.searchsorted(at, ours), np.searchsorted(mine, ours)
         self._startup_entries = Blocks(
-            np.frombuffer(kept_keys, np.uint8).reshape(-1, KEY_BYTES)[in_kept].tobytes(),
-            np.frombuffer(b"".join(map(parents.__getitem__, at_list)), np.uint8).reshape(-1, KEY_BYTES)[in_kept].tobytes(),
-            matrix[in_mine], count[ours].astype(np.int32), hashes[in_kept], checked=False)
-        manifest.blobs, manifest.ints, manifest.order = [[], [], [], []], ints[:0], order[:0]
+            sides[ours, 0].tobytes(), sides[ours, 1].tobytes(), matrix[np.searchsorted(mine, ours)],
+            count[ours].astype(np.int32), columns.hashes[ours], checked=False)
+        manifest.columns = manifest.order = None
         self._segments.prune(self.num_slots)
         return index, [k for k in manifest.dropped_keys + drop_keys if isinstance(k, bytes)]
 
