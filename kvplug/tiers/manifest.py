@@ -118,11 +118,13 @@ class Manifest:
         try:
             self._conn = self._connect()
             self._check_geometry()
-            with self._conn:
-                oversized = self._conn.execute(
-                    "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
-                    "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
             columns, bad_rows = _checked_columns(self._conn.execute(self._select()))
+            # A blob past max_blob reads as NULL (``_select``): such rows are deleted unread.
+            if any(len(r) == 10 and None in (r[0], r[1], r[2], r[6]) for r in bad_rows):
+                with self._conn:
+                    oversized = self._conn.execute(
+                        "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
+                        "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
             if bad_rows:
                 with self._conn:
                     self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in bad_rows])
@@ -140,8 +142,8 @@ class Manifest:
         # unindexed column; the columns stay put: the rows' objects lie in memory as read).
         self.columns: StartupColumns | None = columns  # taken by the tier's start-up
         self.order: np.ndarray = np.argsort(columns.ints[:, 4], kind="stable")
-        self.dropped_rows = len(bad_rows)        # damaged, and deleted
         self.oversized_rows = max(oversized, 0)  # a blob past max_blob: deleted unread
+        self.dropped_rows = len(bad_rows) - self.oversized_rows  # damaged, and deleted
         self.dropped_keys = [r[0] for r in bad_rows if r and isinstance(r[0], bytes)]
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
