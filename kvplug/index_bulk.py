@@ -121,12 +121,11 @@ def load(index: PrefixIndex, blocks: Blocks | Sequence[tuple[bytes, bytes, np.nd
     index._kids = array("i", kids.tobytes())
     loose = np.flatnonzero(pid < 0)
     if len(loose):  # chains whose parent is not stored (roots, mostly): one group per parent
-        lp = P[loose]
-        _, first, inverse = np.unique(lp, axis=0, return_index=True, return_inverse=True)
+        _, inverse = np.unique(P[loose], axis=0, return_inverse=True)
         inverse = inverse.ravel()
-        for g in np.argsort(first, kind="stable").tolist():
-            members = loose[inverse == g] if len(first) > 1 else loose
-            parent = bytes(lp[first[g]])
+        by = np.argsort(inverse, kind="stable")  # each parent's children together, in the given order
+        for members in np.split(loose[by], np.flatnonzero(np.diff(inverse[by])) + 1):
+            parent = bytes(P[members[0]])
             index._loose[parent] = int(members[0]) if len(members) == 1 else index._new_group(members)
     return n
 

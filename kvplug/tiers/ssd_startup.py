@@ -114,11 +114,11 @@ class SSDStartup:
         index.count("dropped_capacity", int(shrunk.sum()))
         index.count("manifest_resets", int(manifest.reset_reason is not None))
 
-        # The index's blocks: own rows kept, oldest access first (gathered by vector ops from
-        # the columns above); their chains are checked at first use.
-        ours = order[(kept & own)[order]]
+        # The index's blocks: own rows kept, in the order read (an index does not depend on
+        # its blocks' order); their chains are checked at first use.
+        ours = kept & own
         self._startup_entries = Blocks(
-            sides[ours, 0].tobytes(), sides[ours, 1].tobytes(), matrix[np.searchsorted(mine, ours)],
+            sides[ours, 0].tobytes(), sides[ours, 1].tobytes(), matrix[ours[mine]],
             count[ours].astype(np.int32), columns.hashes[ours], checked=False)
         manifest.columns = manifest.order = None
         self._segments.prune(self.num_slots)
