@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 from array import array
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -136,11 +136,12 @@ def key_hashes(keys: bytes) -> np.ndarray:
                        np.int64, len(keys) // KEY_BYTES)
 
 
-def load_all(index: PrefixIndex, blocks: Iterable[tuple[bytes, bytes, np.ndarray]]) -> int:
-    """``load`` every block of an iterable (a tier's ``entries()``), then hand the heap that
-    reading a large manifest took back to the OS: the rows are gone, but glibc keeps freed
-    heap, which would otherwise stay in the scheduler's RSS for the engine's lifetime."""
-    n = load(index, blocks if isinstance(blocks, Blocks) else list(blocks))  # (freed by refcount on return)
+def load_all(index: PrefixIndex, entries: Callable[[], Iterable[tuple[bytes, bytes, np.ndarray]]]) -> int:
+    """``load`` every block ``entries()`` gives (a tier's ``entries``), then hand the heap that
+    reading a large manifest took back to the OS: the rows and columns are gone, but glibc
+    keeps freed heap, which would otherwise stay in the scheduler's RSS for the engine's
+    lifetime. (Called here, ``entries()`` is freed before the trim: the caller holds nothing.)"""
+    n = load(index, _columns_or_list(entries()))  # (freed by refcount on return)
     if n < TRIM_ABOVE:
         return n
     try:
@@ -148,6 +149,10 @@ def load_all(index: PrefixIndex, blocks: Iterable[tuple[bytes, bytes, np.ndarray
     except (OSError, AttributeError):  # not glibc: nothing to hand back this way
         pass
     return n
+
+
+def _columns_or_list(blocks):
+    return blocks if isinstance(blocks, Blocks) else list(blocks)
 
 
 def _one_by_one(index: PrefixIndex, blocks) -> int:

@@ -104,7 +104,7 @@ class TieredStore(SSDTransfers, RemoteTransfers):
             self.epoch = epoch.advance(config.ssd_path, self._epoch_key)
         self._init_remote(config, fingerprint, block_bytes)  # store_remote.py: the shared Valkey/Redis tier
         if ssd is not None:
-            index_bulk.load_all(self._index, ssd.entries())
+            index_bulk.load_all(self._index, ssd.entries)
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
