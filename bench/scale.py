@@ -20,7 +20,10 @@ that reaches a block loaded from the manifest also checks that its key is the
 hash of its parent and tokens (kvplug/index_check.py): ``lookup_first_hit_us``
 is the median of those first lookups (200 distinct prompts, once each),
 ``lookup_full_hit_us`` the median of 3 more passes over them. Each size runs
-twice, in fresh processes: a time is the least of the two, bytes the most.
+twice, in fresh processes: a time is the least of the two, bytes the most; and
+side by side, alternating with it, the store of commit ``BASELINE`` (its
+kvplug/ from git, first on PYTHONPATH) opens the same manifest: the ratios
+old/new are measured under one load.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CHAIN, BT, VOCAB = 64, 16, 1 << 17
 ROOT = b"r" * 16
+BASELINE = "892b71c"  # the store before the start-up and lookup rework (scale_store.json's 10.9 s)
 
 
 def _rss() -> int:
@@ -143,22 +147,29 @@ def _cpu_model() -> str:
 
 def main(sizes: list[int], write: bool) -> dict:
     load_start = os.getloadavg()
-    results = {}
-    for n in sizes:
-        with tempfile.TemporaryDirectory(dir=os.environ.get("KVPLUG_SCALE_DIR")) as tmp:
-            path = os.path.join(tmp, "ssd")
-            t = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--make", path, str(n)], check=True)
-            made = time.perf_counter() - t
-            runs = []
-            for _ in range(2):
-                out = subprocess.run([sys.executable, __file__, "--child", path, str(n)], check=True,
-                                     capture_output=True, text=True).stdout
-                runs.append(json.loads(out.strip().splitlines()[-1]))
-            best = {k: (max if "bytes" in k else min)(r[k] for r in runs) for k in runs[0]}
-            best["manifest_made_s"] = round(made, 1)
-            results[f"bt{BT}_{n}"] = best
-            print(n, best, flush=True)
+    results, ratios = {}, {}
+    with tempfile.TemporaryDirectory() as old:  # the store before this bench's last rework, side by side
+        subprocess.run(f"git -C {REPO} archive {BASELINE} kvplug | tar -x -C {old}", shell=True, check=True)
+        for n in sizes:
+            with tempfile.TemporaryDirectory(dir=os.environ.get("KVPLUG_SCALE_DIR")) as tmp:
+                path = os.path.join(tmp, "ssd")
+                t = time.perf_counter()
+                subprocess.run([sys.executable, __file__, "--make", path, str(n)], check=True)
+                made = time.perf_counter() - t
+                runs: dict[str, list[dict]] = {"new": [], "old": []}
+                for _ in range(2):  # new and old alternate: both see the same load
+                    for which, env in (("new", None), ("old", {**os.environ, "PYTHONPATH": old})):
+                        out = subprocess.run([sys.executable, __file__, "--child", path, str(n)], check=True,
+                                             capture_output=True, text=True, env=env).stdout
+                        runs[which].append(json.loads(out.strip().splitlines()[-1]))
+                best = {which: {k: (max if "bytes" in k else min)(r[k] for r in rs) for k in rs[0]}
+                        for which, rs in runs.items()}
+                best["new"]["manifest_made_s"] = round(made, 1)
+                results[f"bt{BT}_{n}"] = best
+                ratios[f"bt{BT}_{n}"] = {k: round(best["old"][k] / best["new"][k], 2) for k in
+                                         ("open_s", "open_cpu_s", "lookup_full_hit_us", "lookup_miss_us",
+                                          "rss_bytes_per_block") if best["new"][k]}
+                print(n, best, ratios[f"bt{BT}_{n}"], flush=True)
     doc = {
         "what": "whole-store scheduler memory per stored SSD block, open (start-up) time, lookup time",
         "method": __doc__.split("\n\n", 2)[2].strip(),
@@ -167,9 +178,11 @@ def main(sizes: list[int], write: bool) -> dict:
                     "note": "a cloud VM shared with other jobs: wall times drift with their load"},
         "code": {"head": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                         capture_output=True, text=True).stdout.strip()},
+        "baseline": f"old: kvplug/ of commit {BASELINE} (git archive), run from the same manifest",
         "results": results,
+        "ratios_old_over_new": ratios,
     }
-    big = results.get(f"bt{BT}_1000000")
+    big = results.get(f"bt{BT}_1000000", {}).get("new")
     if big:
         doc["targets"] = {"rss_bytes_per_block<=200": big["rss_bytes_per_block"] <= 200,
                           "open_s<=5": big["open_s"] <= 5,
