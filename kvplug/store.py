@@ -137,17 +137,8 @@ class TieredStore(SSDTransfers, RemoteTransfers):
             self._stats.count_lookup(len(tokens), hit)
             bad, self._index.bad = self._index.bad, []
         if bad:  # manifest rows that do not chain, found at their first lookup (index_check.py)
-            self._reject(bad)
+            self.ssd.reject(bad)  # only a tier's unchecked entries can fail: it drops and counts them
         return hit
-
-    def _reject(self, keys: list[bytes]) -> None:
-        """Drop the SSD rows of blocks that failed their chain check (SSDTier.reject counts them)."""
-        reject = getattr(self.ssd, "reject", None)
-        if reject is not None:
-            reject(keys)
-        else:
-            for key in keys:
-                self.ssd.delete(key)
 
     # -- store ------------------------------------------------------------------
 

@@ -32,8 +32,8 @@ class BackingTier(Tier, Protocol):
     def entries(self) -> Iterable[tuple[bytes, bytes, np.ndarray]]:
         """(key, parent, tokens) of every block it holds, to rebuild the index at start
         (an ``index_bulk.Blocks`` loads in bulk; with ``checked=False`` the index checks
-        each block's chain at first use; the store drops the ones that fail, through the
-        tier's ``reject(keys)`` (which counts them) if it has one, else ``delete``)."""
+        each block's chain at first use, and the store hands the ones that fail to the
+        tier's ``reject(keys)``, which a tier handing out unchecked blocks must have)."""
         ...
 
     def contains(self, key: bytes) -> bool: ...

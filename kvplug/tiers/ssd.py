@@ -24,9 +24,11 @@ checksums (which let go of the GIL) overlap the I/O instead of pausing it.
 The directory is private (kvplug/tiers/ssd_dir.py): created 0700, refused if
 another user owns it or can write it, or if it or a file of the tier is a
 link; no file is opened through a link. Every manifest row is checked before
-use (key = hash of parent and tokens, 1..block_tokens tokens, slot in range,
-bounded blob lengths, sane clock); a bad row is dropped and counted, never
-an abort.
+use (its row check, 1..block_tokens tokens, slot in range, bounded blob
+lengths, sane clock: at start-up, in bulk; key = hash of parent and tokens:
+by the store's index when a lookup first reaches the block, kvplug/index_check.py,
+which hands a failing one to ``reject``); a bad row is dropped and counted,
+never an abort.
 
 Who can plant KV. Without ``integrity_key`` every check above is keyless:
 anyone who can write the directory (this user, root, a restored backup, a
