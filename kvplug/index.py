@@ -24,27 +24,39 @@ and lives in flat arrays indexed by it:
   token fits, widened once to int64 when one does not), ``_len`` its lengths;
 - ``_kids``: a parent's children: -1 none, ``c >= 0`` the one child (a chain of
   full blocks: the common case), ``<= -2`` group ``-2 - kids`` in ``_groups``,
-  an ``array('i')`` of child ids (fan-out points: few; a scan compares the
-  rows of the children that share the query's first token in one vectorised
-  op). Children of a parent that is not stored (a root, a removed block) hang
-  off ``_loose`` by its key and are adopted when a block of that key is stored.
+  an ``array('i')`` of child ids sorted by their first token (kept beside it
+  in ``_firsts``), so that a scan bisects to the children that share the
+  query's first token and compares only their rows: a root with thousands of
+  children costs a miss no more than a chain. Children of a parent that is
+  not stored (a root, a removed block) hang off ``_loose`` by its key and are
+  adopted when a block of that key is stored;
+- ``_checked``: 1 once a block's key is known to be the hash of its parent and
+  tokens. Blocks inserted one by one are (the caller made the key); blocks
+  loaded in bulk from an SSD manifest (untrusted rows) are checked when a
+  lookup first reaches them: one that fails is removed, its key put on
+  ``bad`` (for the store to drop its row), and the match stops before it.
 
-Per block: key 16 + parent 16 + table 8..16 + hash 4 + kids 4 + length 4 +
+Per block: key 16 + parent 16 + table 8..16 + hash 4 + kids 4 + length 4 + checked 1 +
 tokens (4 each while int32): ~115 bytes at 16 tokens a block, ~560 at 128
-(the old dict-and-object index: ~880 and ~1,770 of RSS; bench/scale.py).
+(the old dict-and-object index: ~880 and ~1,770 of RSS; bench/scale_index.py).
 Memory stays at the peak block count: removed ids are reused, never returned.
 Not thread-safe: the store serialises calls.
 """
 
 from __future__ import annotations
 
+import hashlib
 from array import array
+from bisect import bisect_left, bisect_right
 from typing import Sequence
 
 import numpy as np
 
+from .index_check import check_block, check_walk
 from .key_table import probe, vacate
-from .keys import KEY_BYTES, hash_key, tokens_array
+from .keys import KEY_BYTES, tokens_array
+
+_sha256 = hashlib.sha256  # keys.hash_key's hash: match inlines it
 
 
 # Bits 31..63 of a little-endian int64 word: a token outside [0, 2^31) sets one of them.
@@ -78,7 +90,10 @@ class PrefixIndex:
         self._tok = np.zeros((64, block_tokens), np.int32)  # int64 once _wide
         self._len = np.zeros(64, np.int32)  # 0: a free id
         self._free = array("i")          # ids of removed blocks, reused first
-        self._groups: list[array | None] = []
+        self._groups: list[array | None] = []   # child ids, by first token
+        self._firsts: list[array | None] = []   # the first token of each, sorted
+        self._checked = bytearray(64)    # id -> 1: its key is its parent's and tokens' hash
+        self.bad: list[bytes] = []       # keys of blocks whose check failed, for the caller to drop
         self._free_groups: list[int] = []
         self._loose: dict[bytes, int] = {}  # parent key not stored -> its children
         self._table = array("i", [-1]) * 16
@@ -132,32 +147,45 @@ class PrefixIndex:
 
     # -- children ------------------------------------------------------------------
 
+    def _new_group(self, ids: Sequence[int] | np.ndarray) -> int:
+        """A group of these children (sorted by first token, ties in the given order); its ``kids`` value."""
+        ids = np.asarray(ids, np.int32)
+        firsts = self._tok[ids, 0].astype(np.int64)
+        order = np.argsort(firsts, kind="stable")
+        group, first = array("i", ids[order].tobytes()), array("q", firsts[order].tobytes())
+        if self._free_groups:
+            g = self._free_groups.pop()
+            self._groups[g], self._firsts[g] = group, first
+        else:
+            g = len(self._groups)
+            self._groups.append(group)
+            self._firsts.append(first)
+        return -2 - g
+
     def _add_child(self, kids: int, i: int) -> int:
         if kids == -1:
             return i
         if kids >= 0:
-            group = array("i", (kids, i))
-            if self._free_groups:
-                g = self._free_groups.pop()
-                self._groups[g] = group
-            else:
-                g = len(self._groups)
-                self._groups.append(group)
-            return -2 - g
-        self._groups[-2 - kids].append(i)
+            return self._new_group((kids, i))
+        g = -2 - kids
+        t = int(self._tok[i, 0])
+        j = bisect_right(self._firsts[g], t)
+        self._groups[g].insert(j, i)
+        self._firsts[g].insert(j, t)
         return kids
 
     def _drop_child(self, kids: int, i: int) -> int:
         if kids >= 0:
             return -1
         g = -2 - kids
-        group = self._groups[g]
-        j, last = group.index(i), group.pop()
-        if j < len(group):
-            group[j] = last
+        group, firsts = self._groups[g], self._firsts[g]
+        t = int(self._tok[i, 0])
+        j = bisect_left(firsts, t)
+        j = group.index(i, j, bisect_right(firsts, t))
+        del group[j], firsts[j]
         if len(group) > 1:
             return kids
-        self._groups[g] = None
+        self._groups[g] = self._firsts[g] = None
         self._free_groups.append(g)
         return group[0]
 
@@ -172,8 +200,9 @@ class PrefixIndex:
     def __contains__(self, key: bytes) -> bool:
         return self._find(key) >= 0
 
-    def insert(self, key: bytes, parent: bytes, tokens: Sequence[int] | np.ndarray) -> bool:
-        """Add a block; False (and no change) when the key is already stored."""
+    def insert(self, key: bytes, parent: bytes, tokens: Sequence[int] | np.ndarray, checked: bool = True) -> bool:
+        """Add a block; False (and no change) when the key is already stored. ``checked``:
+        the caller made the key from parent and tokens (else a lookup checks it first)."""
         if len(key) != KEY_BYTES or len(parent) != KEY_BYTES:
             raise ValueError(f"keys are {KEY_BYTES} bytes, got {len(key)} (key) and {len(parent)} (parent)")
         table, at, mask = self._table, self._keys.startswith, self._mask
@@ -215,6 +244,7 @@ class PrefixIndex:
         else:
             self._tok[i, :n] = tokens
         self._len[i] = n
+        self._checked[i] = checked
         self._table[h] = i
         self._count += 1
         loose = self._loose
@@ -272,15 +302,18 @@ class PrefixIndex:
 
     def match(self, tokens: Sequence[int] | np.ndarray, root: bytes | None = None) -> list[tuple[bytes, int]]:
         """(key, tokens covered) of each block of the longest prefix of ``tokens`` stored
-        under ``root`` (default: the index's root)."""
+        under ``root`` (default: the index's root). A block not checked yet is checked first
+        (index_check.py): one that fails ends the match before it, and goes on ``bad``."""
         query, bt = tokens_array(tokens), self.block_tokens
-        table, at, mask = self._table, self._keys.startswith, self._mask
+        table, at, mask, checked, sha = self._table, self._keys.startswith, self._mask, self._checked, _sha256
         hit: list[tuple[bytes, int]] = []
-        parent, pid = self.root if root is None else root, -1
+        unchecked: list[tuple[int, int]] = []  # (position in hit, id)
+        root = self.root if root is None else root
+        parent, pid = root, -1
         raw = query.tobytes()  # int64: 8 bytes a token; == block_key(parent, query[pos:pos + bt])
         step = bt * 8
         for start in range(0, len(raw) - step + 1, step):
-            key = hash_key(parent + raw[start:start + step])
+            key = sha(parent + raw[start:start + step]).digest()[:KEY_BYTES]  # keys.hash_key, inlined
             h = hash(key) & mask  # _find, inlined: the hot loop
             i = table[h]
             while i >= 0 and not at(key, i << 4):
@@ -288,15 +321,23 @@ class PrefixIndex:
                 i = table[h]
             if i < 0:
                 break
+            if not checked[i]:
+                unchecked.append((len(hit), i))
             hit.append((key, bt))
             parent, pid = key, i
+        if unchecked and (cut := check_walk(self, hit, unchecked, query, root)) < len(hit):
+            del hit[cut:]
+            parent, pid = (hit[-1][0] if hit else root), -1
         pos = len(hit) * bt
-        if pos < len(query):
+        while pos < len(query):
             if pid < 0:
                 pid = self._find(parent)
             i, n = self._best(self._children(parent, pid), query[pos:])
+            if n > 0 and not checked[i] and not check_block(self, i):
+                continue  # removed: the next best child, if any
             if n > 0:
                 hit.append((bytes(self._keys[i << 4:(i << 4) + 16]), n))
+            break
         return hit
 
     def _best(self, kids: int, query: np.ndarray) -> tuple[int, int]:
@@ -309,10 +350,13 @@ class PrefixIndex:
             differ = tok[kids, :m] != query[:m]
             k = int(differ.argmax())
             return kids, (k if differ[k] else m)
-        ids = np.array(self._groups[-2 - kids], dtype=np.int32)  # a copy: the group may grow
-        ids = ids[tok[ids, 0] == query[0]]  # a child sharing anything shares its first token
-        if not len(ids):
+        g, first = -2 - kids, int(query[0])
+        firsts = self._firsts[g]  # a child sharing anything shares its first token: bisect to those
+        lo = bisect_left(firsts, first)
+        hi = bisect_right(firsts, first, lo)
+        if lo == hi:
             return -1, 0
+        ids = np.frombuffer(self._groups[g], np.int32)[lo:hi].copy()  # a copy: the group may change
         m = min(len(query), self.block_tokens)
         differ = tok[ids, :m] != query[:m]
         lcp = np.where(differ.any(axis=1), differ.argmax(axis=1), m)
@@ -331,6 +375,7 @@ class PrefixIndex:
         lengths = np.zeros(cap, np.int32)
         lengths[: len(self._len)] = self._len
         self._tok, self._len = tok, lengths
+        self._checked += bytes(cap - len(self._checked))
 
     def _widen(self) -> None:
         """A token outside int32: hold every block's tokens as int64 from now on."""
@@ -345,7 +390,7 @@ class PrefixIndex:
     def nbytes(self) -> int:
         """Bytes held by the arrays (the token matrix counted to its used rows)."""
         hw = len(self._kids)
-        groups = sum(g.itemsize * len(g) + 64 for g in self._groups if g is not None)
-        per_id = self._kids.itemsize + self._hash.itemsize + self._tok.itemsize * self.block_tokens + self._len.itemsize
+        groups = sum(12 * len(g) + 128 for g in self._groups if g is not None)
+        per_id = self._kids.itemsize + self._hash.itemsize + self._tok.itemsize * self.block_tokens + self._len.itemsize + 1
         return (len(self._keys) + len(self._parents) + hw * per_id + self._table.itemsize * len(self._table)
                 + groups + 100 * len(self._loose))

@@ -32,17 +32,18 @@ class KeyTable:
     def _probe(self, key: bytes) -> int:
         return probe(self._table, self._keys, self._mask, key)
 
-    def fill(self, keys: list[bytes], ids: np.ndarray) -> None:
-        """Map each of ``keys`` (distinct) to its id in an empty table, in a few vector ops
-        (as PrefixIndex._rehash): ids sorted by home slot land at home + the running
-        overflow of the slots before; the few past the end wrap around one by one."""
-        n = len(keys)
+    def fill(self, keys: bytes, ids: np.ndarray, hashes: np.ndarray) -> None:
+        """Map each key of ``keys`` (distinct, end to end) to its id in an empty table
+        (``hashes``: each one's ``hash(key) & 0xFFFFFFFF``), in a few vector ops (as
+        PrefixIndex._rehash): ids sorted by home slot land at home + the running overflow
+        of the slots before; the few past the end wrap around one by one."""
+        n = len(ids)
         if not n:
             return
         ids = np.asarray(ids, np.int64)
-        hashes = np.fromiter((hash(k) & 0xFFFFFFFF for k in keys), np.int64, n)
+        hashes = np.asarray(hashes, np.int64)
         key_bytes = np.frombuffer(self._keys, np.uint8).reshape(-1, KEY_BYTES)
-        key_bytes[ids] = np.frombuffer(b"".join(keys), np.uint8).reshape(n, KEY_BYTES)
+        key_bytes[ids] = np.frombuffer(keys, np.uint8).reshape(n, KEY_BYTES)
         del key_bytes
         hash_view = np.frombuffer(self._hash, np.uint32)
         hash_view[ids] = hashes

@@ -104,7 +104,7 @@ class TieredStore(SSDTransfers, RemoteTransfers):
             self.epoch = epoch.advance(config.ssd_path, self._epoch_key)
         self._init_remote(config, fingerprint, block_bytes)  # store_remote.py: the shared Valkey/Redis tier
         if ssd is not None:
-            index_bulk.load_all(self._index, ssd.entries())
+            index_bulk.load_all(self._index, ssd.entries)
 
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
@@ -116,24 +116,29 @@ class TieredStore(SSDTransfers, RemoteTransfers):
         """The longest prefix of ``tokens`` stored under ``root`` (default: the store's
         fingerprint), block by block, with each block's tier. Pins nothing."""
         tokens = tokens_array(tokens)
-        bt, refs, hit_tokens = self.block_tokens, [], 0
+        bt, refs, hit_tokens, new = self.block_tokens, [], 0, tuple.__new__  # new: BlockRef without its Python __new__
         with self._lock:
-            resident = self._resident
+            get = self._resident.get
             for key, n in self._index.match(tokens, root):
-                block = resident.get(key)
-                if block is not None and block.visible:
+                block = get(key)
+                if block is None:  # the SSD tier tells the store what it drops; a drop racing
+                    ref = new(BlockRef, (key, n, "ssd", None))  # this lookup ends the hit at prepare_load
+                elif block.visible:
                     ref = block.ref
                     if ref is None or n != bt:
                         ref = BlockRef(key, n, "cpu", block.slot)
                         if n == bt:
                             block.ref = ref
-                else:  # the SSD tier tells the store what it drops; a drop racing this lookup
-                    ref = BlockRef(key, n, "ssd", None)  # ends the hit at prepare_load
+                else:
+                    ref = new(BlockRef, (key, n, "ssd", None))
                 refs.append(ref)
                 hit_tokens += n
             hit = Hit(hit_tokens, refs)
             self._stats.count_lookup(len(tokens), hit)
-            return hit
+            bad, self._index.bad = self._index.bad, []
+        if bad:  # manifest rows that do not chain, found at their first lookup (index_check.py)
+            self.ssd.reject(bad)  # only a tier's unchecked entries can fail: it drops and counts them
+        return hit
 
     # -- store ------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
+from kvplug.index_bulk import key_hashes
 from kvplug.key_table import KeyTable
 
 KEYS = st.binary(min_size=16, max_size=16)
@@ -45,7 +46,7 @@ def test_refuses_a_duplicate_and_odd_keys():
 def test_fill_is_put_one_by_one(keys, capacity):
     ids = list(range(capacity - 1, capacity - 1 - len(keys), -1))
     filled, one = KeyTable(capacity), KeyTable(capacity)
-    filled.fill(keys, ids)
+    filled.fill(b"".join(keys), ids, key_hashes(b"".join(keys)))
     for key, i in zip(keys, ids):
         one.put(key, i)
         assert filled.find(key) == i == one.find(key) and filled.key(i) == key

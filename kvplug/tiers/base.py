@@ -12,7 +12,7 @@ asynchronously, keeps its own map and evicts on its own: a ``BackingTier``.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,8 +29,11 @@ class Tier(Protocol):
 
 @runtime_checkable
 class BackingTier(Tier, Protocol):
-    def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
-        """(key, parent, tokens) of every block it holds, to rebuild the index at start."""
+    def entries(self) -> Iterable[tuple[bytes, bytes, np.ndarray]]:
+        """(key, parent, tokens) of every block it holds, to rebuild the index at start
+        (an ``index_bulk.Blocks`` loads in bulk; with ``checked=False`` the index checks
+        each block's chain at first use, and the store hands the ones that fail to the
+        tier's ``reject(keys)``, which a tier handing out unchecked blocks must have)."""
         ...
 
     def contains(self, key: bytes) -> bool: ...

@@ -23,13 +23,15 @@ import concurrent.futures as cf
 import logging
 import os
 import sqlite3
-import struct
 import threading
+from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 import numpy as np
-import xxhash
 
+from kvplug.keys import KEY_BYTES
+from kvplug.tiers import row_check as row_checks
+from kvplug.tiers.row_check import intact as _intact, row_check  # noqa: F401  (re-exported)
 from kvplug.tiers.ssd_dir import UnsafeDirectory, check_sqlite, private_sqlite
 
 log = logging.getLogger("kvplug")
@@ -72,32 +74,34 @@ class Row(NamedTuple):
         return (*self, row_check(self))
 
 
-_LEN = struct.Struct("<Q").pack
-_INTS = struct.Struct("<qqqq").pack
+
+CHUNK_ROWS = 32768  # rows fetched and checked at a time: their objects are still in the CPU's caches
 
 
-def row_check(r: Row) -> int:
-    """Catches a damaged row that SQLite's own checks let through (a flipped key, slot, ...)."""
-    key, parent, tokens, fingerprint = r[0], r[1], r[2], r[6]
-    c = xxhash.xxh3_64_intdigest(b"".join((  # each blob after its length, then the integers
-        _LEN(len(key)), key, _LEN(len(parent)), parent, _LEN(len(tokens)), tokens,
-        _LEN(len(fingerprint)), fingerprint, _INTS(r[3], r[4], r[5], r[7]))))
-    return c - (1 << 64) if c >= 1 << 63 else c
+@dataclass
+class StartupColumns(row_checks.Columns):
+    hashes: np.ndarray = None  # [n] hash(key) & 0xFFFFFFFF: the tables' home slots
 
 
-def _intact(r: tuple) -> bool:
-    # Rows may come from a damaged file: trust nothing, not even types.
-    if len(r) != 10:
-        return False
-    key, parent, tokens, segment, slot, checksum, fingerprint, fmt, last_access, check = r
-    if not (type(key) is type(parent) is type(tokens) is type(fingerprint) is bytes
-            and type(segment) is type(slot) is type(checksum) is type(fmt) is type(last_access)
-            is type(check) is int):
-        return False
-    try:
-        return check == row_check(r)
-    except struct.error:  # an integer outside int64
-        return False
+def _checked_columns(chunks) -> tuple[StartupColumns, list[tuple]]:
+    """The intact rows of ``chunks`` (a cursor, or an iterator of row lists) as columns
+    (``row_check.columns``), with their keys' hashes; and the rows that are not intact."""
+    parts, hashes, bad = [], [], []
+    fetch = chunks.fetchmany if isinstance(chunks, sqlite3.Cursor) else None
+    while rows := (fetch(CHUNK_ROWS) if fetch else next(chunks, None)):
+        intact, part = row_checks.columns(rows)
+        parts.append(part)
+        hashes.append(np.fromiter(map(hash, part.blobs[0]), np.int64, len(part.ints)) & 0xFFFFFFFF)
+        bad += [rows[i] for i in np.flatnonzero(~intact).tolist()]
+    if not parts:
+        return StartupColumns([[], [], [], []], np.zeros((0, 6), np.int64), np.zeros((0, 4), np.int64),
+                              np.zeros((0, 3, KEY_BYTES), np.uint8), np.zeros(0, np.int64)), bad
+    blobs = [[], [], [], []]
+    for part in parts:
+        for column, more in zip(blobs, part.blobs):
+            column.extend(more)
+    return StartupColumns(blobs, *(np.concatenate([getattr(p, name) for p in parts])
+                                   for name in ("ints", "lengths", "sides")), np.concatenate(hashes)), bad
 
 
 class Manifest:
@@ -114,16 +118,16 @@ class Manifest:
         try:
             self._conn = self._connect()
             self._check_geometry()
-            with self._conn:
-                oversized = self._conn.execute(
-                    "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
-                    "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
-            rows = self._all_rows()
-            intact = [_intact(r) for r in rows]
-            bad = [(r[0],) for r, ok in zip(rows, intact) if not ok]
-            if bad:
+            columns, bad_rows = _checked_columns(self._conn.execute(self._select()))
+            # A blob past max_blob reads as NULL (``_select``): such rows are deleted unread.
+            if any(len(r) == 10 and None in (r[0], r[1], r[2], r[6]) for r in bad_rows):
                 with self._conn:
-                    self._conn.executemany("DELETE FROM blocks WHERE key = ?", bad)
+                    oversized = self._conn.execute(
+                        "DELETE FROM blocks WHERE length(key) > ?1 OR length(parent) > ?1 OR length(tokens) > ?1 "
+                        "OR length(fingerprint) > ?1", (self._max_blob,)).rowcount
+            if bad_rows:
+                with self._conn:
+                    self._conn.executemany("DELETE FROM blocks WHERE key = ?", [(r[0],) for r in bad_rows])
         except UnsafeDirectory:
             if self._conn is not None:
                 self._conn.close()
@@ -132,14 +136,15 @@ class Manifest:
             if self._conn is not None:
                 self._conn.close()
             rows = self._salvage(f"{type(e).__name__}: {e}")  # keeps only intact rows
-            intact = [_intact(r) for r in rows]
-        good = [r for r, ok in zip(rows, intact) if ok]
-        # Oldest access first (sorted here: cheaper than SQLite's ORDER BY on an unindexed column).
-        clocks = np.fromiter((r[8] for r in good), np.int64, len(good))
-        self.rows: list[tuple] = [good[i] for i in np.argsort(clocks, kind="stable").tolist()]  # Row's fields + row_check
-        self.dropped_rows = len(rows) - len(self.rows)  # damaged, and deleted
-        self.oversized_rows = max(oversized, 0)           # a blob past max_blob: deleted unread
-        self.dropped_keys = [r[0] for r, ok in zip(rows, intact) if not ok and r and isinstance(r[0], bytes)]
+            columns, bad_rows = _checked_columns(iter([rows]))
+        # The intact rows, as columns in the order read (``row_check.columns``), and the
+        # order of their last access, oldest first (cheaper than SQLite's ORDER BY on an
+        # unindexed column; the columns stay put: the rows' objects lie in memory as read).
+        self.columns: StartupColumns | None = columns  # taken by the tier's start-up
+        self.order: np.ndarray = np.argsort(columns.ints[:, 4], kind="stable")
+        self.oversized_rows = max(oversized, 0)  # a blob past max_blob: deleted unread
+        self.dropped_rows = len(bad_rows) - self.oversized_rows  # damaged, and deleted
+        self.dropped_keys = [r[0] for r in bad_rows if r and isinstance(r[0], bytes)]
         self._queue: list[tuple[list, list, cf.Future]] = []
         self._queued = threading.Condition()
         self._closing = False

@@ -4,7 +4,7 @@ One lock guards it all. No I/O happens here; the tier sequences that against
 the manifest (a slot comes back to ``free`` only once no committed row names it).
 
 Compact, because a large tier holds millions of blocks: nothing is a Python
-object per slot. Per slot of capacity (about 50 bytes; bench/scale_store.py):
+object per slot. Per slot of capacity (about 50 bytes; bench/scale.py):
   _keys      its key and the key -> slot table (kvplug/key_table.py)
   _state     FREE, LIVE, FOREIGN (stored under another fingerprint or
              format: kept, never served, evicted first), DROPPED (row
@@ -64,19 +64,21 @@ class SlotIndex:
 
     # -- start-up ---------------------------------------------------------------
 
-    def load(self, keys: list[bytes], slots: list[int], checksums: list[int], foreign: list[bool],
-             clocks: list[int], tags: list[bytes | None] | None = None) -> None:
-        """The blocks the manifest holds, at start-up (distinct keys and slots; then ``ready``)."""
-        g = np.array(slots, np.int64)
-        self._keys.fill(keys, g)
-        alien = np.array(foreign, bool)
+    def load(self, keys: bytes, hashes: np.ndarray, slots: np.ndarray, checksums: np.ndarray,
+             foreign: np.ndarray, clocks: np.ndarray, tags: list[tuple[int, bytes]] = ()) -> None:
+        """The blocks the manifest holds, at start-up, as columns (``keys`` end to end,
+        distinct, with their ``hash(key) & 0xFFFFFFFF``; distinct slots; ``tags``: (slot,
+        tag) of the blocks that have one); then ``ready``."""
+        g = np.asarray(slots, np.int64)
+        self._keys.fill(keys, g, hashes)
+        alien = np.asarray(foreign, bool)
         np.frombuffer(self._state, np.uint8)[g] = np.where(alien, FOREIGN, LIVE)
-        np.frombuffer(self._checksum, np.int64)[g] = np.array(checksums, np.int64)
-        np.frombuffer(self._clock_of, np.int64)[g] = np.where(alien, -1, np.array(clocks, np.int64))
+        np.frombuffer(self._checksum, np.int64)[g] = checksums
+        np.frombuffer(self._clock_of, np.int64)[g] = np.where(alien, -1, clocks)
         self._foreign = int(alien.sum())
-        self._own = len(keys) - self._foreign
-        for slot, tag in zip(slots, tags or ()):
-            if tag is not None and self._tags is not None:
+        self._own = len(g) - self._foreign
+        for slot, tag in tags:
+            if self._tags is not None:
                 self._set_tag(slot, tag)
 
     def hold(self, slots: Iterable[int]) -> None:

@@ -24,9 +24,11 @@ checksums (which let go of the GIL) overlap the I/O instead of pausing it.
 The directory is private (kvplug/tiers/ssd_dir.py): created 0700, refused if
 another user owns it or can write it, or if it or a file of the tier is a
 link; no file is opened through a link. Every manifest row is checked before
-use (key = hash of parent and tokens, 1..block_tokens tokens, slot in range,
-bounded blob lengths, sane clock); a bad row is dropped and counted, never
-an abort.
+use (its row check, 1..block_tokens tokens, slot in range, bounded blob
+lengths, sane clock: at start-up, in bulk; key = hash of parent and tokens:
+by the store's index when a lookup first reaches the block, kvplug/index_check.py,
+which hands a failing one to ``reject``); a bad row is dropped and counted,
+never an abort.
 
 Who can plant KV. Without ``integrity_key`` every check above is keyless:
 anyone who can write the directory (this user, root, a restored backup, a
@@ -62,11 +64,12 @@ import queue
 import sqlite3
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import xxhash
 
+from kvplug.index_bulk import Blocks
 from kvplug.keys import FORMAT_VERSION, KEY_BYTES, tokens_array
 from kvplug.tiers import slot_header, ssd_dir
 from kvplug.tiers.aligned_io import FileIO, aligned_buffer, lock_directory, probe_direct
@@ -155,16 +158,29 @@ class SSDTier(SSDWorkers, SSDStartup):
 
     # -- public API -----------------------------------------------------------
 
-    def entries(self) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
-        """(key, parent, tokens) of every block of this fingerprint; the first call after
-        opening takes the rows start-up read (no second pass over a large manifest)."""
-        rows, self._startup_entries = self._startup_entries, None
-        if rows is None:
+    def entries(self) -> Blocks:
+        """(key, parent, tokens) of every block of this fingerprint, as columns (iterable as
+        tuples); the first call after opening takes the rows start-up read (no second pass
+        over a large manifest). Their chains are unchecked: the index checks each at first use."""
+        blocks, self._startup_entries = self._startup_entries, None
+        if blocks is None:
             contains = self._index.contains
-            rows = [(k, p, t) for k, p, t in self._manifest.entries(self.fingerprint, FORMAT_VERSION)
-                    if contains(k) and not len(t) % 8 and 1 <= len(t) // 8 <= self._max_tokens]
-        for key, parent, tokens in rows:
-            yield key, parent, np.frombuffer(tokens, "<i8")
+            rows = [(k, p, np.frombuffer(t, "<i8")) for k, p, t in self._manifest.entries(self.fingerprint, FORMAT_VERSION)
+                    if contains(k) and len(p) == KEY_BYTES and not len(t) % 8 and 1 <= len(t) // 8 <= self._max_tokens]
+            blocks = Blocks.of(rows) or Blocks(b"", b"", np.zeros((0, 1), np.int64), np.zeros(0, np.int32))
+            blocks.checked = False
+        return blocks
+
+    def reject(self, keys: list[bytes]) -> None:
+        """Blocks whose manifest row the index found not to chain (key is not the hash of its
+        parent and tokens): dropped and counted as manifest corruptions, never served."""
+        for key in keys:
+            e = self._index.live(key)
+            if e is None:
+                continue
+            for name in ("corruptions", "corruptions_manifest", "corruptions_manifest_chain"):
+                self._index.count(name)
+            self._drop(key, e)
 
     def contains(self, key: bytes) -> bool:
         return self._index.contains(key)

@@ -217,7 +217,11 @@ CRAFTED = {  # name -> (changes to block 0's row, reason counted)
     "too_many_tokens": (lambda: dict(key=block_key(FP, np.arange(100, 105)), tokens=tokens_of(5)), "tokens"),
     "ragged_tokens": (lambda: dict(key=b"r" * 16, tokens=tokens_of(2)[:-3]), "tokens"),
     "short_key": (lambda: dict(key=b"k" * 15), "key"),
-    "key_not_its_hash": (lambda: dict(key=b"x" * 16), "chain"),
+    # It names block 0's slot: dropped for that here. That a key is the hash of its parent and
+    # tokens is checked by the store's index at first use (tests/test_store_lazy_chain.py).
+    "key_not_its_hash": (lambda: dict(key=b"x" * 16, last_access=10**9), "duplicate_slot"),
+    # Tokens past int32 would widen the index's whole token matrix: such a row's chain is checked here.
+    "wide_key_not_its_hash": (lambda: dict(key=b"w" * 16, tokens=np.array([2**40, 1], "<i8").tobytes()), "chain"),
     "slot_past_segment": (lambda: dict(key=block_key(FP, np.arange(100, 102)), tokens=tokens_of(2),
                                        slot=1 << 40), "slot"),
     "negative_segment": (lambda: dict(key=block_key(FP, np.arange(100, 102)), tokens=tokens_of(2),
