@@ -119,7 +119,8 @@ class LoadPolicy:
             tps = self._prefill_tps.value
         return None if tps is None else tokens / tps
 
-    def should_load(self, tokens: int, bytes_by_tier: dict[str, int]) -> bool:
+    def should_load(self, tokens: int, bytes_by_tier: dict[str, int], floor_s: float = 0.0) -> bool:
+        """``floor_s``: the promotion floor (``first_landing_budget``)."""
         if tokens <= 0:
             return False
         slow = [t for t in SLOW_TIERS if bytes_by_tier.get(t, 0) > 0]
@@ -127,8 +128,8 @@ class LoadPolicy:
             return True
         checked = bytes_by_tier if self.mode == "auto" else {t: bytes_by_tier[t] for t in slow}
         load, recompute = self.load_seconds(checked), self.recompute_seconds(tokens)
-        if recompute is not None and any((f := self.first_seconds(t)) is not None and f >= FIRST_SHARE * recompute
-                                         for t in slow):
+        budget = None if recompute is None else self.first_landing_budget(tokens, float("inf"), floor_s)
+        if budget is not None and any((f := self.first_seconds(t)) is not None and f >= budget for t in slow):
             return False  # its first block would come too late: the promotion would be given up
         return load is None or recompute is None or load * self.margin < recompute
 

@@ -100,6 +100,7 @@ def test_a_tier_whose_first_block_comes_too_late_is_not_waited_on():
     assert p.first_seconds("ssd") == pytest.approx(0.05)
     assert not p.should_load(1000, {"ssd": 10**6})  # it would be given up on again: recompute at once
     assert p.should_load(4000, {"ssd": 10**6})      # a longer prompt still waits (4 s at stake)
+    assert p.should_load(1000, {"ssd": 10**6}, floor_s=0.08)  # the same floor as the give-up's
 
 
 def test_a_disk_that_changes_is_followed_at_once_not_averaged_in():
