@@ -136,7 +136,8 @@ class KVPlugConfig:
     # the hit would be faster (from measured prefill speed). Then the request recomputes.
     promotion_timeout_s: float = 5.0
     # Shortest such wait, whatever the estimates say (they are noisy for prompts that take
-    # milliseconds to recompute): a promotion gets at least this long.
+    # milliseconds to recompute): a promotion gets at least this long, or a tenth of
+    # recomputing its hit if that is shorter (kvplug.policy: never over recompute + 10%).
     promotion_min_wait_s: float = 0.05
     # A block that cannot be loaded: "recompute" it (the request goes on) or "fail"
     # the request (vLLM's kv_load_failure_policy, set from this for both spellings).

@@ -13,6 +13,15 @@ once (``observe_timeout``), so the next request recomputes without waiting.
 A tier judged too slow is probed again once every ``PROBE_S`` (``probe_due``:
 the caller reads one block in the background, no request waits for it), so a
 disk that recovers is seen to.
+
+A promotion is given up on progress, not only on its deadline: one that has
+not landed a single block within ``first_landing_budget`` (a twentieth of
+recomputing, at least the scheduling floor) is abandoned at once, so a disk
+that turns 100x slower costs the first request about 5% over recomputing, not
+the whole deadline. The time a promotion's first block took is tracked per
+tier; a tier whose first block is slower than that budget is not waited on.
+A measurement at least ``SURPRISE`` times off the estimate replaces it (the
+disk changed), instead of being averaged in over many requests.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from dataclasses import dataclass
 
 SLOW_TIERS = ("ssd", "remote")  # promotions: checked against recomputing in every mode
 PROBE_S = 10.0                   # a tier judged too slow still gets one promotion this often
+FIRST_SHARE = 0.05               # a promotion with no block landed after this share of recomputing: give up
+SURPRISE = 4.0                   # a measurement this many times off the estimate replaces it
 
 
 @dataclass
@@ -31,12 +42,16 @@ class _Rate:
 
     alpha: float = 0.2
     value: float | None = None
+    follow: bool = False  # a measurement SURPRISE times off replaces the estimate (a disk that changed)
 
     def observe(self, units: float, seconds: float) -> None:
         if units <= 0 or seconds <= 0:
             return
         rate = units / seconds
-        self.value = rate if self.value is None else (1 - self.alpha) * self.value + self.alpha * rate
+        if self.value is None or self.follow and not self.value / SURPRISE < rate < self.value * SURPRISE:
+            self.value = rate  # first, or the machine changed: follow at once
+        else:
+            self.value = (1 - self.alpha) * self.value + self.alpha * rate
 
 
 class LoadPolicy:
@@ -47,23 +62,40 @@ class LoadPolicy:
         self.margin = margin  # load when load_time * margin < recompute_time
         self._tier_bps: dict[str, _Rate] = {}
         self._prefill_tps = _Rate()
+        self._first: dict[str, _Rate] = {}   # tier -> promotions per second until the first block lands
         self._seen: dict[str, float] = {}  # tier -> when its speed was last observed
         self._lock = threading.Lock()
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
         with self._lock:
-            self._tier_bps.setdefault(tier, _Rate()).observe(nbytes, seconds)
+            self._tier_bps.setdefault(tier, _Rate(follow=True)).observe(nbytes, seconds)
             self._seen[tier] = time.monotonic()
 
-    def observe_timeout(self, tier: str, nbytes: int, seconds: float) -> None:
-        """A promotion of ``nbytes`` had not finished after ``seconds``: the tier is no faster than
-        that, now (not averaged in: the next request must not wait for it too)."""
+    def observe_first(self, tier: str, seconds: float) -> None:
+        """A promotion (or a probe) of ``tier`` landed its first block after ``seconds``."""
+        with self._lock:
+            self._first.setdefault(tier, _Rate(follow=True)).observe(1.0, seconds)
+            self._seen[tier] = time.monotonic()
+
+    def observe_timeout(self, tier: str, nbytes: int, seconds: float, landed_any: bool = True) -> None:
+        """A promotion of ``nbytes`` had not finished after ``seconds`` (nor landed a single block,
+        with ``landed_any`` False): the tier is no faster than that, now (a bound, not averaged in:
+        the next request must not wait for it too)."""
         if nbytes <= 0 or seconds <= 0:
             return
         with self._lock:
-            rate = self._tier_bps.setdefault(tier, _Rate())
+            rate = self._tier_bps.setdefault(tier, _Rate(follow=True))
             rate.value = min(rate.value if rate.value is not None else float("inf"), nbytes / seconds)
+            if not landed_any:
+                first = self._first.setdefault(tier, _Rate(follow=True))
+                first.value = min(first.value if first.value is not None else float("inf"), 1.0 / seconds)
             self._seen[tier] = time.monotonic()
+
+    def first_seconds(self, tier: str) -> float | None:
+        """Expected time until a promotion of ``tier`` lands its first block (None: unmeasured)."""
+        with self._lock:
+            first = self._first.get(tier)
+            return None if first is None or not first.value else 1.0 / first.value
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         with self._lock:
@@ -87,7 +119,8 @@ class LoadPolicy:
             tps = self._prefill_tps.value
         return None if tps is None else tokens / tps
 
-    def should_load(self, tokens: int, bytes_by_tier: dict[str, int]) -> bool:
+    def should_load(self, tokens: int, bytes_by_tier: dict[str, int], floor_s: float = 0.0) -> bool:
+        """``floor_s``: the promotion floor (``first_landing_budget``)."""
         if tokens <= 0:
             return False
         slow = [t for t in SLOW_TIERS if bytes_by_tier.get(t, 0) > 0]
@@ -95,6 +128,9 @@ class LoadPolicy:
             return True
         checked = bytes_by_tier if self.mode == "auto" else {t: bytes_by_tier[t] for t in slow}
         load, recompute = self.load_seconds(checked), self.recompute_seconds(tokens)
+        budget = None if recompute is None else self.first_landing_budget(tokens, float("inf"), floor_s)
+        if budget is not None and any((f := self.first_seconds(t)) is not None and f >= budget for t in slow):
+            return False  # its first block would come too late: the promotion would be given up
         return load is None or recompute is None or load * self.margin < recompute
 
     def probe_due(self, tier: str) -> bool:
@@ -118,13 +154,23 @@ class LoadPolicy:
         - otherwise twice the time the tier's measured speed predicts, but at least a tenth of
           recomputing (so a disk that turns 100x slower costs at most ~10% over recomputing)
           and never more than recomputing.
-        Never under ``floor_s`` (scheduling jitter), never over ``cap_s``."""
+        Never under the floor (``floor_s``, scheduling jitter, but at most a tenth of recomputing),
+        never over ``cap_s``."""
         recompute = self.recompute_seconds(tokens)
         if recompute is None:
             return cap_s
         load = self.load_seconds(promoted)
         wait = recompute if load is None else min(recompute, max(recompute / 10, 2 * load))
-        return min(cap_s, max(floor_s, wait))
+        return min(cap_s, max(min(floor_s, recompute / 10), wait))
+
+    def first_landing_budget(self, tokens: int, cap_s: float, floor_s: float = 0.0) -> float:
+        """Seconds a promotion may go without landing a single block before it is given up:
+        ``FIRST_SHARE`` of recomputing ``tokens`` (``cap_s`` while unmeasured), never under the
+        floor (``floor_s``, at most a tenth of recomputing)."""
+        recompute = self.recompute_seconds(tokens)
+        if recompute is None:
+            return cap_s
+        return min(cap_s, max(min(floor_s, recompute / 10), FIRST_SHARE * recompute))
 
     def snapshot(self) -> dict[str, float | None]:
         with self._lock:

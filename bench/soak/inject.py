@@ -296,11 +296,15 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def install(ctl_dir: str) -> None:
+def install(ctl_dir: str, extra: dict | None = None) -> None:
+    """Wrap the modules; ``extra``: more wraps by module name (trace.py's), applied after these."""
     patches = {
         "kvplug.tiers.aligned_io": _patch_fileio,
         "kvplug.connectors.vllm.scheduler": lambda m: _patch_scheduler(m, ctl_dir),
     }
+    for name, patch in (extra or {}).items():
+        first = patches.get(name)
+        patches[name] = patch if first is None else (lambda m, a=first, b=patch: (a(m), b(m)))
     for name, patch in patches.items():
         if name in sys.modules:
             patch(sys.modules[name])

@@ -72,6 +72,7 @@ def main(address: str, authkey_hex: str, spec_path: str) -> None:
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]], params,
                                     use_tqdm=False)
                 results = [{
+                    "request_id": r.request_id,
                     "token_ids": list(r.outputs[0].token_ids),
                     "logprobs": [{str(k): v.logprob for k, v in pos.items()} for pos in r.outputs[0].logprobs or []],
                     "cached_tokens": r.num_cached_tokens or 0,

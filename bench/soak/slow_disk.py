@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+from . import trace
 from .compare import failed, identical, prefix_cache_control
 from .engines import kvplug_config, start_engines
 from .environment import model_path
 from .slow_disk_report import summarize_slow_disk
+from .slow_disk_trace import row_timelines
 from .workload import PHASES, slow_disk_workload
 
 
@@ -33,9 +35,12 @@ def run_slow_disk(args, workdir: Path, log=print) -> dict:
                        promotion_min_wait_s=args.slow_min_wait_s)
     max_len = max(2048, args.slow_prefix_tokens + 32 + args.max_tokens + 16)
     log(f"slow disk: {len(steps)} steps x 2 engines; starting the kvplug engine and vLLM alone")
+    traced = {"SOAK_TRACE": "1"}  # trace.py: each engine's steps, kvplug's promotions, SSD reads
     eng, ref = start_engines([
-        dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_len, ctl_dir=workdir / "ctl"),
-        dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_len),
+        dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_len, ctl_dir=workdir / "ctl",
+             env=traced),
+        dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_len,
+             ctl_dir=workdir / "ctl-vllm", env=traced),
     ])
     starts = {"kvplug": round(eng.start_wall_s, 1), "vllm": round(ref.start_wall_s, 1)}
     rows = []
@@ -74,6 +79,11 @@ def run_slow_disk(args, workdir: Path, log=print) -> dict:
         closer.start()
         log_text = eng.close()
         closer.join()
+    lines = {"kv": trace.load(workdir / "ctl"), "ref": trace.load(workdir / "ctl-vllm")}
+    for row in rows:
+        for side in ("kv", "ref"):
+            if "results" in row[side]:
+                row[f"timeline_{side}"] = row_timelines(lines[side], row[side]["results"])
     cases = []
     for row in rows:
         if "error" in row["kv"] or "error" in row["ref"]:

@@ -38,14 +38,17 @@ def summarize_slow_disk(args, v: dict) -> dict:
         if "error" in kv or "error" in ref:
             failed_n += len(row["keys"]) if "error" in kv else 0
             continue
-        for key, a, b in zip(row["keys"], kv["results"], ref["results"]):
+        tl_kv = row.get("timeline_kv") or [None] * len(row["keys"])
+        tl_ref = row.get("timeline_ref") or [None] * len(row["keys"])
+        for key, a, b, tk, tr in zip(row["keys"], kv["results"], ref["results"], tl_kv, tl_ref):
             failed_n += failed(a)
             compared += 1
             if not identical(a, b):
                 changed += 1
                 changed_detail.append({"phase": row["phase"], "step": row["step"], "key": key,
                                        "cached_tokens": a["cached_tokens"], **difference(a, b),
-                                       "step_counters": row["counters"], "step_ssd": row["ssd"]})
+                                       "step_counters": row["counters"], "step_ssd": row["ssd"],
+                                       "steps_kvplug": _shape(tk), "steps_vllm": _shape(tr)})
         ph = phases.setdefault(row["phase"], {"B": [], "A": [], "MISS": [], "MIX": [], "counters": {}, "ssd": {}})
         for c, d in row["counters"].items():
             ph["counters"][c] = ph["counters"].get(c, 0) + d
@@ -64,7 +67,8 @@ def summarize_slow_disk(args, v: dict) -> dict:
                                     "hit_tokens": a["cached_tokens"],
                                     "hit_tokens_ssd": row["counters"].get("hit_tokens_ssd", 0),
                                     "promotion_timeouts": row["counters"].get("promotion_timeouts", 0),
-                                    "promotion_failed_blocks": row["counters"].get("promotion_failed_blocks", 0)})
+                                    "promotion_failed_blocks": row["counters"].get("promotion_failed_blocks", 0),
+                                    "timeline": tl_kv[0] if row["step"] == "B" else None})
         elif row["step"] in ("MISS", "MIX"):
             miss = list(range(len(row["keys"]))) if row["step"] == "MISS" else list(range(1, len(row["keys"])))
             tk = _miss_throughput(kv["results"], row["prompts"], miss, kv["wall_s"])
@@ -138,6 +142,13 @@ def summarize_slow_disk(args, v: dict) -> dict:
         "store_stats_end": v["end_snap"].get("store"),
         "engine_log_warnings": log_findings(v["log"]),
     }
+
+
+def _shape(tl: dict | None) -> list | None:
+    """The steps that computed a request: (tokens, tokens it had before, the others' tokens)."""
+    if tl is None:
+        return None
+    return [[s["tokens"], s["computed_before"], sorted(s["batch"].values())] for s in tl["steps"]]
 
 
 def _med(xs):

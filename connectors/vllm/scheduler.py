@@ -113,7 +113,9 @@ class SchedulerHalf:
             return False
         refs = hit.blocks[num_computed_tokens // self.T:]
         tiers = Counter(r.tier for r in refs)
-        if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()}):
+        if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()},
+                                       self.config.promotion_min_wait_s) or \
+                tiers["ssd"] and self.promotions.suspect():  # the SSD still reads a promotion given up on
             self.stats.add("policy_skipped_tokens", new)
             self.promotions.skipped(refs)
             return False

@@ -112,3 +112,32 @@ def test_a_disk_judged_slow_is_probed_in_the_background_and_seen_to_recover(tmp_
         assert e.sched.store.stats()["cpu"]["pinned_blocks"] == 0
     finally:
         e.close()
+
+
+def test_no_block_landed_within_a_twentieth_of_recomputing_gives_up_and_blocks_no_one(tmp_path, monkeypatch):
+    ssd = stored_on_ssd(tmp_path)
+    landed = slow_reads(monkeypatch, 1.0)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=60, promotion_min_wait_s=0)
+    try:
+        e.sched.policy.observe_prefill(47, 1.0)  # recomputing the hit: 1 s (the deadline: 1 s)
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (None, False)
+        time.sleep(0.08)  # past a twentieth of recomputing (50 ms), no block landed
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)
+        assert e.sched.stats.data["promotion_timeouts"] == 1
+        # The policy is told the disk is fast again, but b's reads are still in flight:
+        # the next SSD hit recomputes at once instead of queueing behind them.
+        e.sched.policy.observe_first("ssd", 0.001)
+        e.sched.policy.observe_load("ssd", 10**9, 0.001)
+        c = e.request("c", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(c, 0) == (0, False)
+        assert e.sched.stats.data["promotions"] == 1
+        assert landed.wait(5)
+        time.sleep(0.1)
+        d = e.request("d", PROMPT)  # the late read landed (in the CPU tier): a CPU hit
+        assert e.sched.get_num_new_matched_tokens(d, 0) == (len(PROMPT) - 1, False)
+        e.sched.promotions.observe_late()  # what every step does
+        assert e.sched.policy.first_seconds("ssd") > 0.9  # its real first-block time, followed at once
+        assert not e.sched.promotions.suspect()
+    finally:
+        e.close()
