@@ -42,7 +42,17 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
     series: list[dict] = []
     t0 = time.monotonic()
     hits = nfailed = 0
-    series.append(sample(engine, 0, t0, 0, 0))
+    warm = int(n * args.warmup)
+    tracing = False
+
+    def take(end: int) -> dict:
+        nonlocal tracing
+        trace = None
+        if args.tracemalloc and not tracing and end >= warm:
+            trace, tracing = "start", True
+        return sample(engine, end, t0, hits, nfailed, trim=args.trim_before_sample, trace=trace)
+
+    series.append(take(0))
     next_sample = args.sample_every
     for start, end in bounds:
         while faults_at and faults_at[0] <= start:
@@ -61,7 +71,7 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
             nfailed += failed(out)
             hits += bool(out and out["cached_tokens"])
         if end >= next_sample or end == n:
-            series.append(sample(engine, end, t0, hits, nfailed))
+            series.append(take(end))
             next_sample = (end // args.sample_every + 1) * args.sample_every
             if log and len(series) % 10 == 0:
                 x = series[-1]
@@ -71,7 +81,8 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
     # The end: let tails and write-backs finish; then nothing may be pinned or held.
     engine.drain(2.0)
     time.sleep(1.0)
-    end_sample = sample(engine, n, t0, hits, nfailed)
+    end_sample = sample(engine, n, t0, hits, nfailed, trim=args.trim_before_sample,
+                        trace="diff" if tracing else None)
     end_snap = engine.snapshot(newer_than=time.time()) or {}
     return {"results": results, "errors": errors, "series": series, "events": events, "run_s": run_s,
             "end_sample": end_sample, "end_snap": end_snap}
@@ -86,13 +97,14 @@ def run_soak(args, workdir: Path, log=print) -> dict:
     bounds = batch_bounds(args.requests, args.seed, args.batch_max)
     kv = kvplug_config(workdir / "ssd", args.cpu_bytes, args.ssd_bytes)
     max_model_len = 1024
+    menv = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     log(f"soak: {args.requests} requests, {len(prompts)} distinct prompts, {len(bounds)} generate() calls; "
         f"starting the kvplug engine and vLLM alone side by side")
     eng, ref = start_engines([
         dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_model_len,
-             ctl_dir=workdir / "ctl", env=SOAK_ENV["kvplug"]),
+             ctl_dir=workdir / "ctl", probe_dir=workdir / "probe-kvplug", env={**SOAK_ENV["kvplug"], **menv}),
         dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_model_len,
-             env=SOAK_ENV["vllm"]),
+             probe_dir=workdir / "probe-vllm", env={**SOAK_ENV["vllm"], **menv}),
     ])
     starts = {"kvplug": round(eng.start_wall_s, 1), "vllm": round(ref.start_wall_s, 1)}
     runs: dict[str, dict] = {}

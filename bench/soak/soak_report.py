@@ -10,7 +10,7 @@ from .compare import difference, failed, identical
 from .engine_logs import log_findings, thread_layout
 from .engines import ENV, SOAK_ENV
 from .environment import code_state, machine, model_info
-from .sampling import RSS_PARTS, SLOPE_FIELDS, STORE_SLOPE_FIELDS, growth
+from .sampling import MEMORY_FIELDS, RSS_PARTS, SLOPE_FIELDS, STORE_SLOPE_FIELDS, growth
 from .workload import FAULT_EVIDENCE, FAULTS
 
 
@@ -70,11 +70,11 @@ def summarize_soak(args, v: dict) -> dict:
         d["survived"] += row["survived"]
 
     warm = int(n * args.warmup)
-    slopes = {f: growth(series, f, warm) for f in SLOPE_FIELDS + RSS_PARTS + STORE_SLOPE_FIELDS}
-    slopes_alone = {f: growth(al["series"], f, warm) for f in SLOPE_FIELDS + RSS_PARTS}
+    slopes = {f: growth(series, f, warm) for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS + STORE_SLOPE_FIELDS}
+    slopes_alone = {f: growth(al["series"], f, warm) for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS}
     half = n // 2  # the second half alone: is the growth slowing down?
-    slopes_late = {name: {f: growth(x["series"], f, half)["per_1000_requests"] for f in SLOPE_FIELDS + RSS_PARTS
-                          if f.startswith("rss")} for name, x in (("kvplug", kv), ("vllm_alone", al))}
+    slopes_late = {name: {f: growth(x["series"], f, half)["per_1000_requests"] for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS
+                          if f.startswith(("rss", "malloc"))} for name, x in (("kvplug", kv), ("vllm_alone", al))}
     rss_pct = [slopes[f]["pct_per_1000_requests"] for f in SLOPE_FIELDS if f.startswith("rss")]
     fds_pct = [slopes[f]["pct_per_1000_requests"] for f in SLOPE_FIELDS if f.startswith("fds")]
     store_end = end_snap.get("store", {})
@@ -157,8 +157,10 @@ def summarize_soak(args, v: dict) -> dict:
         "store_stats_end": store_end,
         "engine_log_warnings": log_findings(v["logs"].get("kvplug", "")),
         "series": series + [dict(end_sample, after_drain=True)],
-        "series_vllm_alone": [{k: x.get(k) for k in ("request", "t_s") + SLOPE_FIELDS + RSS_PARTS}
+        "series_vllm_alone": [{k: x.get(k) for k in ("request", "t_s") + SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS}
                               for x in al["series"]],
+        "python_allocations_grown": {name: {tag: x["end_sample"].get(f"trace_{tag}") for tag in ("engine_core", "worker")}
+                                     for name, x in (("kvplug", kv), ("vllm_alone", al))},
     }
 
 

@@ -1,14 +1,22 @@
-"""Installs bench/soak's fault injection and store sampler (../inject.py) in every Python
-process started with this folder on PYTHONPATH and SOAK_CTL_DIR set (vLLM's engine
-processes are spawned: this is how code reaches them without changing kvplug)."""
+"""Installs bench/soak's fault injection and store sampler (../inject.py, with SOAK_CTL_DIR set)
+and its memory probe (../probe.py, with SOAK_PROBE_DIR set) in every Python process started
+with this folder on PYTHONPATH (vLLM's engine processes are spawned: this is how code
+reaches them without changing kvplug)."""
 
 import os
 
-if os.environ.get("SOAK_CTL_DIR"):
+
+def _load(name, file):
     import importlib.util
 
-    _spec = importlib.util.spec_from_file_location(
-        "kvplug_soak_inject", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "inject.py"))
-    _inject = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_inject)
-    _inject.install(os.environ["SOAK_CTL_DIR"])
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if os.environ.get("SOAK_CTL_DIR"):
+    _load("kvplug_soak_inject", "inject.py").install(os.environ["SOAK_CTL_DIR"])
+if os.environ.get("SOAK_PROBE_DIR"):
+    _load("kvplug_soak_probe", "probe.py").install(os.environ["SOAK_PROBE_DIR"])
