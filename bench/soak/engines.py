@@ -63,6 +63,17 @@ ENV = {
 SOAK_ENV = {"kvplug": {"VLLM_CPU_OMP_THREADS_BIND": "0"}, "vllm": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}
 
 
+def engine_env(items: list[str]) -> dict[str, str]:
+    """--engine-env NAME=VALUE items as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--engine-env {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
 class EngineFailed(RuntimeError):
     pass
 
@@ -206,7 +217,7 @@ class Engine:
                 raise EngineFailed(f"engine {self.name!r}: fault command {cid} ({fault}) was not applied")
         return cid
 
-    def probe(self, pids: list[int], trim: bool = False, trace: str | None = None,
+    def probe(self, pids: list[int], trim: bool = False, trace: str | None = None, native: str | None = None,
               timeout: float = 10.0) -> dict[int, dict]:
         """Ask the memory probe (probe.py) in processes ``pids`` where their memory is; their answers."""
         if self.probe_dir is None or not pids:
@@ -214,7 +225,7 @@ class Engine:
         self._probe_seq += 1
         seq, path = self._probe_seq, self.probe_dir / "probe.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seq": seq, "trim": trim, "trace": trace}))
+        tmp.write_text(json.dumps({"seq": seq, "trim": trim, "trace": trace, "native": native}))
         os.replace(tmp, path)
         out: dict[int, dict] = {}
         end = time.monotonic() + timeout

@@ -13,6 +13,9 @@ and vLLM alone, so their figures compare). A daemon thread waits for ``probe.jso
   the per-thread arenas' heaps; the rest: mmapped chunks such as big tensors).
 - ``trace``: ``start`` begins ``tracemalloc``; ``diff`` names the Python allocation sites
   that grew most since it began (file:line, bytes, count).
+- ``native``: ``start`` begins tracking every allocation, native ones included, with memray
+  (optional: the dev extra) into ``memray-<pid>.bin``; ``stop`` ends it. What it allocated and
+  never freed meanwhile (``native_leaks.py`` reads the file) is what grew, with its C and Python stacks.
 
 So the soak can tell memory the allocator holds but nobody uses (falls at ``malloc_trim``,
 ``free_held`` grows) from memory something keeps (``in_use`` grows; tracemalloc names it
@@ -43,6 +46,7 @@ _mallinfo2 = getattr(_libc, "mallinfo2", None)
 if _mallinfo2 is not None:
     _mallinfo2.restype = _Mallinfo2
 _trace_base = None
+_native = None  # the memray Tracker while native tracking runs
 
 
 def malloc_figures() -> dict:
@@ -107,8 +111,25 @@ def _trace(what: str) -> list | None:
     return [{"where": str(s.traceback), "bytes": s.size_diff, "count": s.count_diff, "now": s.size} for s in top]
 
 
-def answer(cmd: dict) -> dict:
-    out = {"seq": cmd["seq"], "pid": os.getpid(), "t": time.time(), "before": figures()}
+def _native_tracking(what: str, probe_dir: str) -> str | None:
+    global _native
+    import memray
+
+    if what == "start" and _native is None:
+        path = os.path.join(probe_dir, f"memray-{os.getpid()}.bin")
+        _native = memray.Tracker(path, native_traces=True, follow_fork=False)
+        _native.__enter__()
+        return path
+    if what == "stop" and _native is not None:
+        _native.__exit__(None, None, None)
+        _native = None
+    return None
+
+
+def answer(cmd: dict, probe_dir: str = "") -> dict:
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
+    out = {"seq": cmd["seq"], "pid": os.getpid(), "name": name, "t": time.time(), "before": figures()}
     if cmd.get("trim"):
         t = time.perf_counter()
         _libc.malloc_trim(0)
@@ -116,6 +137,8 @@ def answer(cmd: dict) -> dict:
         out["after"] = figures()
     if cmd.get("trace"):
         out["trace"] = _trace(cmd["trace"])
+    if cmd.get("native"):
+        out["native"] = _native_tracking(cmd["native"], probe_dir)
     return out
 
 
@@ -133,7 +156,7 @@ def _loop(probe_dir: str) -> None:
             continue
         seen = cmd["seq"]
         try:
-            data = json.dumps(answer(cmd))
+            data = json.dumps(answer(cmd, probe_dir))
         except Exception as e:  # noqa: BLE001 - a probe must never take its engine down
             data = json.dumps({"seq": seen, "pid": os.getpid(), "error": repr(e)})
         with open(mine + ".tmp", "w") as f:

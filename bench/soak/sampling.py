@@ -35,7 +35,7 @@ TAGS = {"runner": "runner", "EngineCore": "engine_core", "VLLM::Worker": "worker
 
 
 def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int, trim: bool = False,
-           trace: str | None = None) -> dict:
+           trace: str | None = None, native: str | None = None) -> dict:
     """One point of the series: processes, kvplug counters, the store's own figures; with a
     memory probe (probe.py), the allocator's figures of EngineCore and the worker, and their RSS
     after ``malloc_trim(0)`` (``trim``)."""
@@ -55,7 +55,7 @@ def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int, tr
             for part in ("anon", "file", "shmem"):
                 out[f"rss_{part}_{tag}"] = p.get(f"rss_{part}")
     probed = [p for p in procs if p["name"] in ("EngineCore", "VLLM::Worker")]
-    answers = engine.probe([p["pid"] for p in probed], trim=trim, trace=trace)
+    answers = engine.probe([p["pid"] for p in probed], trim=trim, trace=trace, native=native)
     for p in probed:
         a = answers.get(p["pid"])
         if a is not None and "before" in a:

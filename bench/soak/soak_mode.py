@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .compare import failed, identical, prefix_cache_control
-from .engines import SOAK_ENV, Engine, kvplug_config, start_engines
+from .engines import SOAK_ENV, Engine, engine_env, kvplug_config, start_engines
 from .environment import model_path
 from .sampling import sample
 from .soak_report import summarize_soak
@@ -47,10 +47,11 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
 
     def take(end: int) -> dict:
         nonlocal tracing
-        trace = None
-        if args.tracemalloc and not tracing and end >= warm:
-            trace, tracing = "start", True
-        return sample(engine, end, t0, hits, nfailed, trim=args.trim_before_sample, trace=trace)
+        trace = native = None
+        if (args.tracemalloc or args.memray) and not tracing and end >= warm:
+            tracing = True
+            trace, native = "start" if args.tracemalloc else None, "start" if args.memray else None
+        return sample(engine, end, t0, hits, nfailed, trim=args.trim_before_sample, trace=trace, native=native)
 
     series.append(take(0))
     next_sample = args.sample_every
@@ -82,7 +83,8 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
     engine.drain(2.0)
     time.sleep(1.0)
     end_sample = sample(engine, n, t0, hits, nfailed, trim=args.trim_before_sample,
-                        trace="diff" if tracing else None)
+                        trace="diff" if tracing and args.tracemalloc else None,
+                        native="stop" if tracing and args.memray else None)
     end_snap = engine.snapshot(newer_than=time.time()) or {}
     return {"results": results, "errors": errors, "series": series, "events": events, "run_s": run_s,
             "end_sample": end_sample, "end_snap": end_snap}
@@ -97,16 +99,17 @@ def run_soak(args, workdir: Path, log=print) -> dict:
     bounds = batch_bounds(args.requests, args.seed, args.batch_max)
     kv = kvplug_config(workdir / "ssd", args.cpu_bytes, args.ssd_bytes)
     max_model_len = 1024
-    menv = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    menv = engine_env(args.engine_env)
     log(f"soak: {args.requests} requests, {len(prompts)} distinct prompts, {len(bounds)} generate() calls; "
         f"starting the kvplug engine and vLLM alone side by side")
-    eng, ref = start_engines([
+    specs = [
         dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_model_len,
              ctl_dir=workdir / "ctl", probe_dir=workdir / "probe-kvplug", env={**SOAK_ENV["kvplug"], **menv}),
         dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_model_len,
              probe_dir=workdir / "probe-vllm", env={**SOAK_ENV["vllm"], **menv}),
-    ])
-    starts = {"kvplug": round(eng.start_wall_s, 1), "vllm": round(ref.start_wall_s, 1)}
+    ]
+    engines = start_engines(specs)
+    starts = {e.name: round(e.start_wall_s, 1) for e in engines}
     runs: dict[str, dict] = {}
     errors: list[BaseException] = []
 
@@ -116,7 +119,7 @@ def run_soak(args, workdir: Path, log=print) -> dict:
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=go, args=(eng, True)), threading.Thread(target=go, args=(ref, False))]
+    threads = [threading.Thread(target=go, args=(e, e.name == "kvplug")) for e in engines]
     logs = {}
     try:
         for t in threads:
@@ -124,7 +127,7 @@ def run_soak(args, workdir: Path, log=print) -> dict:
         for t in threads:
             t.join()
     finally:
-        closers = {e.name: threading.Thread(target=lambda e=e: logs.__setitem__(e.name, e.close())) for e in (eng, ref)}
+        closers = {e.name: threading.Thread(target=lambda e=e: logs.__setitem__(e.name, e.close())) for e in engines}
         for t in closers.values():
             t.start()
         for t in closers.values():
