@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -57,13 +58,21 @@ def origin(record) -> str:
     return "other"
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("workdir")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=None, help="also write the answer here")
     args = p.parse_args(argv)
-    out = [leaks(f, args.top) for f in sorted(Path(args.workdir).glob("**/probe-*/memray-*.bin"))]
+    from kvplug.bench.environment import machine
+
+    out = {"what": "allocations made after warm-up and never freed, per engine process (memray, native stacks), "
+                   "by origin: kvplug (a kvplug frame on the stack), onednn (oneDNN GEMM primitives), other. "
+                   "Bytes are allocation sizes, not resident pages (oneDNN maps its JIT code in 256 KiB pieces "
+                   "and touches part of each)",
+           "command": "python bench/soak.py --requests 1200 --memray ...; python bench/soak/native_leaks.py WORKDIR",
+           "machine": machine(), "load_avg": list(os.getloadavg()),
+           "processes": [leaks(f, args.top) for f in sorted(Path(args.workdir).glob("**/probe-*/memray-*.bin"))]}
     text = json.dumps(out, indent=1)
     print(text)
     if args.out:
