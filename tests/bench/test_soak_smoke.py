@@ -136,3 +136,9 @@ def test_results_written(short):
     s = res["series"][-1]
     for field in ("rss_engine_core", "rss_worker", "rss_runner", "fds_total", "slab_used_slots", "index_blocks"):
         assert s.get(field) is not None, field
+    # the memory probe answered inside both engines' EngineCore and worker
+    alone = res["series_vllm_alone"][-1]
+    for x in (s, alone):
+        for field in ("malloc_in_use_worker", "malloc_free_held_worker", "malloc_in_use_engine_core", "anon_heap_worker"):
+            assert x.get(field), field
+    assert res["memory"]["rss_worker"]["vllm_alone"] is not None
