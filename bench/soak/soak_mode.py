@@ -11,7 +11,11 @@ take 0.5 s more), ``enospc`` (16 writes raise ENOSPC), ``bitflip`` (2 reads
 return a flipped byte the checksum must catch). Reported: RSS and fd slopes
 after warm-up (growth per 1,000 requests), pins and request states left at
 the end (leaks), failed requests, faults fired and survived, corruptions
-detected, outputs identical to vLLM alone. 2,000 requests take about 3
+detected, outputs identical to vLLM alone. Memory (``memory`` in soak.json): each
+engine's EngineCore and worker are probed from inside (probe.py) at every sample, so
+the worker's growth splits into what malloc hands out (something keeps it) and what it
+holds free (fragmentation), side by side with vLLM alone's; ``--memray`` names the
+native stacks of what was never freed (native_leaks.py). 2,000 requests take about 3
 minutes on 2 cores (2 x 40 s of it engine start).
 """
 

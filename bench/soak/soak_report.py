@@ -151,7 +151,9 @@ def summarize_soak(args, v: dict) -> dict:
         "observability": {
             "observed": ["RSS / fds / threads per engine process (psutil)", "kvplug counters (vllm:kvplug_*)",
                          "slab occupancy, pinned blocks, SSD blocks/faults/corruptions (TieredStore.stats() in "
-                         "EngineCore)", "prefix index size (len, nbytes)", "scheduler half's request states and jobs"],
+                         "EngineCore)", "prefix index size (len, nbytes)", "scheduler half's request states and jobs",
+                         "malloc in use / free held and anonymous RSS by region of EngineCore and the worker, "
+                         "both engines (bench/soak/probe.py, glibc mallinfo2 and /proc/self/smaps)"],
             "not_exported_by_kvplug": "index size, pinned blocks, request states and jobs are not among kvplug's "
                                       "Prometheus counters; the bench reads them inside EngineCore (inject.py)",
         },
