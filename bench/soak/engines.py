@@ -63,6 +63,17 @@ ENV = {
 SOAK_ENV = {"kvplug": {"VLLM_CPU_OMP_THREADS_BIND": "0"}, "vllm": {"VLLM_CPU_OMP_THREADS_BIND": "1"}}
 
 
+def engine_env(items: list[str]) -> dict[str, str]:
+    """--engine-env NAME=VALUE items as a dict."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--engine-env {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
 class EngineFailed(RuntimeError):
     pass
 
@@ -71,12 +82,12 @@ class Engine:
     """A runner process (bench/soak/runner.py) holding one vllm.LLM, and its control channel."""
 
     def __init__(self, name: str, workdir: Path, model: str, *, kvplug: dict | None, max_model_len: int,
-                 ctl_dir: Path | None = None, env: dict | None = None, prefix_caching: bool = False,
-                 start_timeout: float = 300):
+                 ctl_dir: Path | None = None, probe_dir: Path | None = None, env: dict | None = None,
+                 prefix_caching: bool = False, start_timeout: float = 300):
         self.name, self.workdir = name, workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"{name}.log"
-        self.ctl_dir = ctl_dir
+        self.ctl_dir, self.probe_dir, self._probe_seq = ctl_dir, probe_dir, 0
         self._commands: list[dict] = []
         spec = workdir / f"{name}.spec.json"
         spec.write_text(json.dumps({"model": model, "kvplug": kvplug, "max_model_len": max_model_len,
@@ -89,6 +100,10 @@ class Engine:
         if ctl_dir is not None:
             ctl_dir.mkdir(parents=True, exist_ok=True)
             env["SOAK_CTL_DIR"] = str(ctl_dir)
+        if probe_dir is not None:
+            probe_dir.mkdir(parents=True, exist_ok=True)
+            env["SOAK_PROBE_DIR"] = str(probe_dir)
+        if ctl_dir is not None or probe_dir is not None:
             path = os.environ.get("PYTHONPATH")
             env["PYTHONPATH"] = str(SITE) + (os.pathsep + path if path else "")
         self._log = open(self.log_path, "w")
@@ -201,6 +216,30 @@ class Engine:
             else:
                 raise EngineFailed(f"engine {self.name!r}: fault command {cid} ({fault}) was not applied")
         return cid
+
+    def probe(self, pids: list[int], trim: bool = False, trace: str | None = None, native: str | None = None,
+              timeout: float = 10.0) -> dict[int, dict]:
+        """Ask the memory probe (probe.py) in processes ``pids`` where their memory is; their answers."""
+        if self.probe_dir is None or not pids:
+            return {}
+        self._probe_seq += 1
+        seq, path = self._probe_seq, self.probe_dir / "probe.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seq": seq, "trim": trim, "trace": trace, "native": native}))
+        os.replace(tmp, path)
+        out: dict[int, dict] = {}
+        end = time.monotonic() + timeout
+        while len(out) < len(pids) and time.monotonic() < end:
+            for pid in pids:
+                if pid not in out:
+                    try:
+                        got = json.loads((self.probe_dir / f"probe-{pid}.json").read_text())
+                    except (OSError, ValueError):
+                        continue
+                    if got.get("seq") == seq:
+                        out[pid] = got
+            time.sleep(0.01)
+        return out
 
     def close(self) -> str:
         """Shut the engine down; its log."""

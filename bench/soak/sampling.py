@@ -31,8 +31,14 @@ def growth(series: list[dict], field: str, from_request: int) -> dict:
             "pct_per_1000_requests": round(100 * k * 1000 / mean, 3) if mean else None}
 
 
-def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int) -> dict:
-    """One point of the series: processes, kvplug counters, the store's own figures."""
+TAGS = {"runner": "runner", "EngineCore": "engine_core", "VLLM::Worker": "worker"}
+
+
+def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int, trim: bool = False,
+           trace: str | None = None, native: str | None = None) -> dict:
+    """One point of the series: processes, kvplug counters, the store's own figures; with a
+    memory probe (probe.py), the allocator's figures of EngineCore and the worker, and their RSS
+    after ``malloc_trim(0)`` (``trim``)."""
     now = time.time()
     procs = engine.processes()
     counters = engine.counters()
@@ -43,11 +49,17 @@ def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int) ->
            "rss_total": sum(p["rss"] for p in procs), "fds_total": sum(p["fds"] for p in procs),
            "threads_total": sum(p["threads"] for p in procs)}
     for p in procs:
-        if p["name"] in ("runner", "EngineCore", "VLLM::Worker"):
-            tag = {"runner": "runner", "EngineCore": "engine_core", "VLLM::Worker": "worker"}[p["name"]]
+        if p["name"] in TAGS:
+            tag = TAGS[p["name"]]
             out[f"rss_{tag}"], out[f"fds_{tag}"], out[f"threads_{tag}"] = p["rss"], p["fds"], p["threads"]
             for part in ("anon", "file", "shmem"):
                 out[f"rss_{part}_{tag}"] = p.get(f"rss_{part}")
+    probed = [p for p in procs if p["name"] in ("EngineCore", "VLLM::Worker")]
+    answers = engine.probe([p["pid"] for p in probed], trim=trim, trace=trace, native=native)
+    for p in probed:
+        a = answers.get(p["pid"])
+        if a is not None and "before" in a:
+            out.update(memory_fields(TAGS[p["name"]], a))
     out.update({
         "hit_tokens": counters.get("hit_tokens", 0), "hit_tokens_cpu": counters.get("hit_tokens_cpu", 0),
         "hit_tokens_ssd": counters.get("hit_tokens_ssd", 0),
@@ -67,6 +79,25 @@ def sample(engine: Engine, request: int, t0: float, hits: int, failed_n: int) ->
     return out
 
 
+def memory_fields(tag: str, a: dict) -> dict:
+    """A probe's answer as series fields: where the process's anonymous memory is."""
+    b = a["before"]
+    m, anon = b.get("malloc", {}), b.get("anon", {})
+    out = {f"malloc_in_use_{tag}": m.get("in_use"), f"malloc_free_held_{tag}": m.get("free_held"),
+           f"malloc_mmapped_{tag}": m.get("mmapped"), f"anon_heap_{tag}": anon.get("heap"),
+           f"anon_thread_arenas_{tag}": anon.get("thread_arenas"), f"anon_other_{tag}": anon.get("other_anon"),
+           f"thread_arena_count_{tag}": anon.get("thread_arena_count")}
+    if "after" in a:
+        out[f"rss_after_trim_{tag}"] = a["after"]["rss"]
+        out[f"rss_anon_after_trim_{tag}"] = a["after"]["rss_anon"]
+    if a.get("trace") is not None:
+        out[f"trace_{tag}"] = a["trace"]
+    return out
+
+
+MEMORY_FIELDS = tuple(f"{f}_{proc}" for proc in ("engine_core", "worker") for f in (
+    "malloc_in_use", "malloc_free_held", "malloc_mmapped", "anon_heap", "anon_thread_arenas", "anon_other",
+    "rss_after_trim", "rss_anon_after_trim"))
 SLOPE_FIELDS = ("rss_total", "rss_runner", "rss_engine_core", "rss_worker", "fds_total", "fds_runner",
                 "fds_engine_core", "fds_worker", "threads_total")
 RSS_PARTS = tuple(f"rss_{part}_{proc}" for proc in ("engine_core", "worker") for part in ("anon", "file", "shmem"))

@@ -11,7 +11,11 @@ take 0.5 s more), ``enospc`` (16 writes raise ENOSPC), ``bitflip`` (2 reads
 return a flipped byte the checksum must catch). Reported: RSS and fd slopes
 after warm-up (growth per 1,000 requests), pins and request states left at
 the end (leaks), failed requests, faults fired and survived, corruptions
-detected, outputs identical to vLLM alone. 2,000 requests take about 3
+detected, outputs identical to vLLM alone. Memory (``memory`` in soak.json): each
+engine's EngineCore and worker are probed from inside (probe.py) at every sample, so
+the worker's growth splits into what malloc hands out (something keeps it) and what it
+holds free (fragmentation), side by side with vLLM alone's; ``--memray`` names the
+native stacks of what was never freed (native_leaks.py). 2,000 requests take about 3
 minutes on 2 cores (2 x 40 s of it engine start).
 """
 
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 from .compare import failed, identical, prefix_cache_control
-from .engines import SOAK_ENV, Engine, kvplug_config, start_engines
+from .engines import SOAK_ENV, Engine, engine_env, kvplug_config, start_engines
 from .environment import model_path
 from .sampling import sample
 from .soak_report import summarize_soak
@@ -42,7 +46,18 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
     series: list[dict] = []
     t0 = time.monotonic()
     hits = nfailed = 0
-    series.append(sample(engine, 0, t0, 0, 0))
+    warm = int(n * args.warmup)
+    tracing = False
+
+    def take(end: int) -> dict:
+        nonlocal tracing
+        trace = native = None
+        if (args.tracemalloc or args.memray) and not tracing and end >= warm:
+            tracing = True
+            trace, native = "start" if args.tracemalloc else None, "start" if args.memray else None
+        return sample(engine, end, t0, hits, nfailed, trim=args.trim_before_sample, trace=trace, native=native)
+
+    series.append(take(0))
     next_sample = args.sample_every
     for start, end in bounds:
         while faults_at and faults_at[0] <= start:
@@ -61,7 +76,7 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
             nfailed += failed(out)
             hits += bool(out and out["cached_tokens"])
         if end >= next_sample or end == n:
-            series.append(sample(engine, end, t0, hits, nfailed))
+            series.append(take(end))
             next_sample = (end // args.sample_every + 1) * args.sample_every
             if log and len(series) % 10 == 0:
                 x = series[-1]
@@ -71,7 +86,9 @@ def drive(engine: Engine, reqs: list[dict], prompts: dict[str, list[int]], bound
     # The end: let tails and write-backs finish; then nothing may be pinned or held.
     engine.drain(2.0)
     time.sleep(1.0)
-    end_sample = sample(engine, n, t0, hits, nfailed)
+    end_sample = sample(engine, n, t0, hits, nfailed, trim=args.trim_before_sample,
+                        trace="diff" if tracing and args.tracemalloc else None,
+                        native="stop" if tracing and args.memray else None)
     end_snap = engine.snapshot(newer_than=time.time()) or {}
     return {"results": results, "errors": errors, "series": series, "events": events, "run_s": run_s,
             "end_sample": end_sample, "end_snap": end_snap}
@@ -86,15 +103,17 @@ def run_soak(args, workdir: Path, log=print) -> dict:
     bounds = batch_bounds(args.requests, args.seed, args.batch_max)
     kv = kvplug_config(workdir / "ssd", args.cpu_bytes, args.ssd_bytes)
     max_model_len = 1024
+    menv = engine_env(args.engine_env)
     log(f"soak: {args.requests} requests, {len(prompts)} distinct prompts, {len(bounds)} generate() calls; "
         f"starting the kvplug engine and vLLM alone side by side")
-    eng, ref = start_engines([
+    specs = [
         dict(name="kvplug", workdir=workdir, model=model, kvplug=kv, max_model_len=max_model_len,
-             ctl_dir=workdir / "ctl", env=SOAK_ENV["kvplug"]),
+             ctl_dir=workdir / "ctl", probe_dir=workdir / "probe-kvplug", env={**SOAK_ENV["kvplug"], **menv}),
         dict(name="vllm", workdir=workdir, model=model, kvplug=None, max_model_len=max_model_len,
-             env=SOAK_ENV["vllm"]),
-    ])
-    starts = {"kvplug": round(eng.start_wall_s, 1), "vllm": round(ref.start_wall_s, 1)}
+             probe_dir=workdir / "probe-vllm", env={**SOAK_ENV["vllm"], **menv}),
+    ]
+    engines = start_engines(specs)
+    starts = {e.name: round(e.start_wall_s, 1) for e in engines}
     runs: dict[str, dict] = {}
     errors: list[BaseException] = []
 
@@ -104,7 +123,7 @@ def run_soak(args, workdir: Path, log=print) -> dict:
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=go, args=(eng, True)), threading.Thread(target=go, args=(ref, False))]
+    threads = [threading.Thread(target=go, args=(e, e.name == "kvplug")) for e in engines]
     logs = {}
     try:
         for t in threads:
@@ -112,7 +131,7 @@ def run_soak(args, workdir: Path, log=print) -> dict:
         for t in threads:
             t.join()
     finally:
-        closers = {e.name: threading.Thread(target=lambda e=e: logs.__setitem__(e.name, e.close())) for e in (eng, ref)}
+        closers = {e.name: threading.Thread(target=lambda e=e: logs.__setitem__(e.name, e.close())) for e in engines}
         for t in closers.values():
             t.start()
         for t in closers.values():

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from .compare import difference, failed, identical
 from .engine_logs import log_findings, thread_layout
-from .engines import ENV, SOAK_ENV
+from .engines import ENV, SOAK_ENV, engine_env
 from .environment import code_state, machine, model_info
-from .sampling import RSS_PARTS, SLOPE_FIELDS, STORE_SLOPE_FIELDS, growth
+from .sampling import MEMORY_FIELDS, RSS_PARTS, SLOPE_FIELDS, STORE_SLOPE_FIELDS, growth
 from .workload import FAULT_EVIDENCE, FAULTS
 
 
@@ -70,11 +70,11 @@ def summarize_soak(args, v: dict) -> dict:
         d["survived"] += row["survived"]
 
     warm = int(n * args.warmup)
-    slopes = {f: growth(series, f, warm) for f in SLOPE_FIELDS + RSS_PARTS + STORE_SLOPE_FIELDS}
-    slopes_alone = {f: growth(al["series"], f, warm) for f in SLOPE_FIELDS + RSS_PARTS}
+    slopes = {f: growth(series, f, warm) for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS + STORE_SLOPE_FIELDS}
+    slopes_alone = {f: growth(al["series"], f, warm) for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS}
     half = n // 2  # the second half alone: is the growth slowing down?
-    slopes_late = {name: {f: growth(x["series"], f, half)["per_1000_requests"] for f in SLOPE_FIELDS + RSS_PARTS
-                          if f.startswith("rss")} for name, x in (("kvplug", kv), ("vllm_alone", al))}
+    slopes_late = {name: {f: growth(x["series"], f, half)["per_1000_requests"] for f in SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS
+                          if f.startswith(("rss", "malloc"))} for name, x in (("kvplug", kv), ("vllm_alone", al))}
     rss_pct = [slopes[f]["pct_per_1000_requests"] for f in SLOPE_FIELDS if f.startswith("rss")]
     fds_pct = [slopes[f]["pct_per_1000_requests"] for f in SLOPE_FIELDS if f.startswith("fds")]
     store_end = end_snap.get("store", {})
@@ -99,7 +99,7 @@ def summarize_soak(args, v: dict) -> dict:
                    "unique_fraction": args.unique, "fresh_fraction": args.fresh, "batch_max": args.batch_max, "max_tokens": args.max_tokens,
                    "fault_every": args.fault_every, "sample_every": args.sample_every, "warmup_requests": warm,
                    "kvplug": {k: val for k, val in v["kv"].items() if k != "ssd_path"} | {"ssd_path": "<temp dir>"},
-                   "engine_env": {name: {**ENV, **extra} for name, extra in SOAK_ENV.items()},
+                   "engine_env": {name: {**ENV, **extra, **engine_env(args.engine_env)} for name, extra in SOAK_ENV.items()},
                    "thread_layout": layouts, "max_model_len": v["max_model_len"], "prefix_caching": False,
                    "faults": [{"kind": k, **p} for k, p in FAULTS],
                    "injection": "bench/soak/inject.py via bench/soak/site/sitecustomize.py on the engines' "
@@ -133,6 +133,7 @@ def summarize_soak(args, v: dict) -> dict:
                    "all_fired": all(r["fired"] > 0 for r in fault_rows),
                    "all_survived": bool(fault_rows) and all(r["survived"] for r in fault_rows)},
         "leaks_at_end": leaks,
+        "memory": memory_summary(slopes, slopes_alone),
         "slopes_after_warmup": {"kvplug": slopes, "vllm_alone": slopes_alone},
         "rss_slopes_second_half_bytes_per_1000_requests": slopes_late,
         "targets": {
@@ -150,16 +151,37 @@ def summarize_soak(args, v: dict) -> dict:
         "observability": {
             "observed": ["RSS / fds / threads per engine process (psutil)", "kvplug counters (vllm:kvplug_*)",
                          "slab occupancy, pinned blocks, SSD blocks/faults/corruptions (TieredStore.stats() in "
-                         "EngineCore)", "prefix index size (len, nbytes)", "scheduler half's request states and jobs"],
+                         "EngineCore)", "prefix index size (len, nbytes)", "scheduler half's request states and jobs",
+                         "malloc in use / free held and anonymous RSS by region of EngineCore and the worker, "
+                         "both engines (bench/soak/probe.py, glibc mallinfo2 and /proc/self/smaps)"],
             "not_exported_by_kvplug": "index size, pinned blocks, request states and jobs are not among kvplug's "
                                       "Prometheus counters; the bench reads them inside EngineCore (inject.py)",
         },
         "store_stats_end": store_end,
         "engine_log_warnings": log_findings(v["logs"].get("kvplug", "")),
         "series": series + [dict(end_sample, after_drain=True)],
-        "series_vllm_alone": [{k: x.get(k) for k in ("request", "t_s") + SLOPE_FIELDS + RSS_PARTS}
+        "series_vllm_alone": [{k: x.get(k) for k in ("request", "t_s") + SLOPE_FIELDS + RSS_PARTS + MEMORY_FIELDS}
                               for x in al["series"]],
+        "python_allocations_grown": {name: {tag: x["end_sample"].get(f"trace_{tag}") for tag in ("engine_core", "worker")}
+                                     for name, x in (("kvplug", kv), ("vllm_alone", al))},
     }
+
+
+def memory_summary(kv: dict, alone: dict) -> dict:
+    """The worker's growth after warm-up, side by side, and what the allocator says it is."""
+    def per_k(d, f):
+        return d.get(f, {}).get("per_1000_requests")
+
+    out = {"what": "growth per 1,000 requests after warm-up of each engine's worker (bytes, % of its mean): RSS; "
+                   "malloc in use (chunks handed out and not freed: something keeps them); malloc free held "
+                   "(freed but kept by the allocator: fragmentation, per-thread arenas)"}
+    for f in ("rss_worker", "malloc_in_use_worker", "malloc_free_held_worker", "rss_engine_core",
+              "malloc_in_use_engine_core"):
+        a, b = per_k(kv, f), per_k(alone, f)
+        out[f] = {"kvplug": a, "kvplug_pct": kv.get(f, {}).get("pct_per_1000_requests"),
+                  "vllm_alone": b, "vllm_alone_pct": alone.get(f, {}).get("pct_per_1000_requests"),
+                  "kvplug_minus_vllm_alone": None if a is None or b is None else round(a - b, 1)}
+    return out
 
 
 def _worst(xs):
@@ -180,7 +202,7 @@ def plot_soak(res: dict, path: Path) -> None:
 
     s = [x for x in res["series"] if not x.get("after_drain")]
     req = [x["request"] for x in s]
-    fig, ax = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
+    fig, ax = plt.subplots(4, 1, figsize=(9, 13), sharex=True)
     for field, label in (("rss_total", "all"), ("rss_worker", "worker"), ("rss_engine_core", "EngineCore"),
                          ("rss_runner", "runner (LLM front end)")):
         ax[0].plot(req, [(x.get(field) or 0) / 2**20 for x in s], label=label)
@@ -200,8 +222,17 @@ def plot_soak(res: dict, path: Path) -> None:
     ax[2].plot(req, [x["hit_tokens_cpu"] / 100 for x in s], label="hit tokens from CPU / 100")
     ax[2].plot(req, [x["hit_tokens_ssd"] / 100 for x in s], label="hit tokens from SSD / 100")
     ax[2].set_ylabel("cumulative")
-    ax[2].set_xlabel("requests")
     ax[2].legend(fontsize=8)
+    for series, tag, ls in ((s, "kvplug", "-"), (alone, "vLLM alone", "--")):
+        for field, label, color in (("malloc_in_use_worker", "worker malloc in use", "C0"),
+                                    ("malloc_free_held_worker", "worker malloc free held", "C1"),
+                                    ("malloc_in_use_engine_core", "EngineCore malloc in use", "C2")):
+            pts = [(x["request"], x[field] / 2**20) for x in series if x.get(field) is not None]
+            if pts:
+                ax[3].plot(*zip(*pts), ls=ls, color=color, label=f"{label}, {tag}")
+    ax[3].set_ylabel("MiB (glibc mallinfo2)")
+    ax[3].set_xlabel("requests")
+    ax[3].legend(fontsize=7)
     for ev in res["faults"]["events"]:
         for a in ax:
             a.axvline(ev["at_request"], color="grey", lw=0.6, ls="--")

@@ -16,7 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from soak import compare, sampling, workload  # noqa: E402  (bench/soak/, the bench's modules)
+from soak import compare, probe, sampling, workload  # noqa: E402  (bench/soak/, the bench's modules)
 
 # bench/soak.py itself, the command line (`import soak` finds the package bench/soak/ first)
 _spec = importlib.util.spec_from_file_location("soak_cli", BENCH / "soak.py")
@@ -54,6 +54,29 @@ def test_difference_names_where_outputs_part():
     assert compare.identical(a, a) and not compare.identical(a, b)
     d = compare.difference(a, b)
     assert d["first_token_differing"] == 2 and d["max_logprob_gap"] == pytest.approx(0.05)
+
+
+def test_memory_probe_sees_what_malloc_hands_out_and_trim_gives_back():
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = probe.figures()
+    chunks = [libc.malloc(64 << 10) for _ in range(512)]  # 32 MiB of small chunks: heap, not mmap
+    for c in chunks:
+        ctypes.memset(c, 1, 64 << 10)
+    held = probe.figures()
+    assert held["malloc"]["in_use"] - before["malloc"]["in_use"] >= 30 << 20
+    for c in chunks[:-1]:  # the last one pins the heap's top: the rest is free but held
+        libc.free(c)
+    freed = probe.answer({"seq": 1, "trim": True})
+    libc.free(chunks[-1])
+    assert freed["before"]["malloc"]["free_held"] >= 30 << 20
+    assert freed["before"]["rss_anon"] - freed["after"]["rss_anon"] >= 20 << 20  # malloc_trim handed it back
+    fields = sampling.memory_fields("worker", freed)
+    assert fields["malloc_in_use_worker"] == freed["before"]["malloc"]["in_use"]
+    assert fields["rss_after_trim_worker"] == freed["after"]["rss"]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +136,9 @@ def test_results_written(short):
     s = res["series"][-1]
     for field in ("rss_engine_core", "rss_worker", "rss_runner", "fds_total", "slab_used_slots", "index_blocks"):
         assert s.get(field) is not None, field
+    # the memory probe answered inside both engines' EngineCore and worker
+    alone = res["series_vllm_alone"][-1]
+    for x in (s, alone):
+        for field in ("malloc_in_use_worker", "malloc_free_held_worker", "malloc_in_use_engine_core", "anon_heap_worker"):
+            assert x.get(field), field
+    assert res["memory"]["rss_worker"]["vllm_alone"] is not None
