@@ -213,7 +213,7 @@ def main() -> dict:
                    "block, V as int4h); int4h: kvplug int4h (per-token Hadamard 4-bit); int4: same 4-bit code, "
                    "no rotation; fp8: e4m3 cast, no scale",
         "text": "pydoc_data.topics of this CPython (documentation of the language), windows spread evenly",
-        "machine": "per model (its run's machine and load)",
+        "machine": "Machine and load of each model's run under the table",
     }
     if hook.prefix:
         result["notes"]["method"] = (

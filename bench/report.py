@@ -165,15 +165,22 @@ def perplexity() -> list[str]:
     return out + [""]
 
 
+PPL_COLUMNS = {"int4kcs_block16": "int4kcs/16", "int4kcs_block128": "int4kcs/128", "int4kc_block16": "int4kc/16",
+               "int4kc_block128": "int4kc/128", "int4h": "int4h", "int4": "naive INT4", "fp8": "fp8 e4m3"}
+
+
 def _perplexity_table(d: dict) -> list[str]:
-    out = ["| model | exact | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|---|"]
+    cols = [k for k in PPL_COLUMNS if any(k in r["methods"] for r in d["models"].values())]
+    out = ["| model | exact | " + " | ".join(PPL_COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, r in d["models"].items():
         m = r["methods"]
-        cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" for k in
-                 ("int4kc_block16", "int4kc_block128", "int4h", "int4", "fp8")]
+        cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" if k in m else "-" for k in cols]
         info = r["model"]
         out.append(f"| {name}: {info['weights'].split(',')[0]}, head {info['head_size']}, "
                    f"{info['scored_tokens']} tokens | {m['exact']['perplexity']:.3f} | " + " | ".join(cells) + " |")
+    machines = [f"{name}: {r['machine']}" for name, r in d["models"].items() if "machine" in r]
+    if machines:
+        out += ["", "Runs: " + "; ".join(machines) + "."]
     return out
 
 
