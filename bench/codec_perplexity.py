@@ -156,7 +156,7 @@ def capture(lm, wins, hook: KVHook) -> list[dict]:
     return out
 
 
-def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
+def run_model(model: str, hook: KVHook, n: int, length: int, methods=METHODS) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf, info = model_files(model)
@@ -167,7 +167,7 @@ def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
     wins = windows(tok, n, length)
     captures = capture(lm, wins, hook) if hook.prefix else None
     rows = {}
-    for name, block in METHODS:
+    for name, block in methods:
         hook.code = kv_codecs.method(name, block)
         t0 = time.perf_counter()
         ppl = perplexity(lm, wins, hook, captures)
@@ -191,7 +191,10 @@ def main() -> dict:
     ap.add_argument("--restored-prefix", type=int, default=0,
                     help="P > 0: only the first P tokens' K/V are coded (exact ones, as saved), predictions "
                          "after them scored -> codec_perplexity_prefix.json")
-    ap.add_argument("--merge", action="store_true", help="replace these models' entries in the results file, keep the rest")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace these models' runs of these methods in the results file, keep the rest")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated subset, e.g. exact,int4kcs_block128 (default: all; exact always runs)")
     args = ap.parse_args()
     models = args.models.split(",")
     ensure_installed(models)
@@ -203,7 +206,9 @@ def main() -> dict:
     load = open("/proc/loadavg").read().split()[:3]
     machine = (f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
                f"load average at start {' '.join(load)}")
-    result = {"models": {m: run_model(m, hook, args.windows, args.tokens) for m in models}}
+    names = set(args.methods.split(",")) | {"exact"} if args.methods else None
+    methods = [(n, b) for n, b in METHODS if names is None or n in names or f"{n}_block{b}" in names]
+    result = {"models": {m: run_model(m, hook, args.windows, args.tokens, methods) for m in models}}
     for m in models:
         result["models"][m]["machine"] = machine
     result["notes"] = {
@@ -222,8 +227,14 @@ def main() -> dict:
             "predictions made after the prefix")
     out = OUT.with_name("codec_perplexity_prefix.json") if hook.prefix else OUT
     out.parent.mkdir(exist_ok=True)
-    if args.merge and out.exists():
-        kept = json.loads(out.read_text())["models"]
+    if args.merge and out.exists():  # deterministic figures: another run's methods of the same windows stay valid
+        old_file = json.loads(out.read_text())
+        kept, old_machine = old_file["models"], old_file.get("notes", {}).get("machine", "an earlier run")
+        for m, r in result["models"].items():
+            old = kept.get(m, {}).get("methods", {})
+            if old and kept[m]["model"].get("scored_tokens") == r["model"]["scored_tokens"]:
+                r["methods"] = {**{k: v for k, v in old.items() if k not in r["methods"]}, **r["methods"]}
+                r["machine"] += f"; methods not rerun: {kept[m].get('machine', old_machine)}"
         result["models"] = {**{m: r for m, r in kept.items() if m not in models}, **result["models"]}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
