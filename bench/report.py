@@ -127,22 +127,22 @@ def codec() -> list[str]:
                         "per channel per block and head.")
     kc = d.get("int4kc")
     if kc:
-        out += ["", "int4kc (keys 4-bit per channel over each block's tokens, values as int4h), K and V coded "
-                "together, blocks of 16 / 128 tokens:", "",
-                "| case | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|"]
+        cols = [k for k in PPL_COLUMNS if k in next(iter(kc["cases"].values()))]
+        out += ["", "int4kc (keys 4-bit per channel over each block's tokens, values as int4h) and int4kcs (int4kc, "
+                "each block's first token's keys exact), K and V coded together, blocks of 16 / 128 tokens:", "",
+                "| case | " + " | ".join(PPL_COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for case, m in kc["cases"].items():
-            out.append(f"| {case} | {m['int4kc_block16']:.4f} | {m['int4kc_block128']:.4f} | {m['int4h']:.4f} | "
-                       f"{m['int4']:.4f} | {m['fp8']:.4f} |")
+            out.append(f"| {case} | " + " | ".join(f"{m[k]:.4f}" for k in cols) + " |")
         for name in ("qwen25coder", "smollm2"):
             per = kc.get(f"{name}_per_layer", {})
             if per:
-                out += ["", f"{name} per layer (int4kc/16, int4kc/128, int4h, naive INT4, fp8): " + "; ".join(
-                    f"{n}: {m['int4kc_block16']:.3f}, {m['int4kc_block128']:.3f}, {m['int4h']:.3f}, "
-                    f"{m['int4']:.3f}, {m['fp8']:.3f}" for n, m in per.items())]
+                out += ["", f"{name} per layer ({', '.join(PPL_COLUMNS[k] for k in cols)}): " + "; ".join(
+                    f"{n}: " + ", ".join(f"{m[k]:.3f}" for k in cols) for n, m in per.items())]
         comp = kc["compression_vs_bf16"]
-        out += ["", "Compression vs bf16 (int4kc / int4h): " + "; ".join(
-            f"{k.replace('_', ', ').replace('head', 'head ').replace('block', 'block ')}: {v['int4kc']} / {v['int4h']}"
-            for k, v in comp.items())]
+        names = list(next(iter(comp.values())))
+        out += ["", f"Compression vs bf16 ({' / '.join(names)}): " + "; ".join(
+            f"{k.replace('_', ', ').replace('head', 'head ').replace('block', 'block ')}: "
+            + " / ".join(str(v[c]) for c in names) for k, v in comp.items())]
     return out + [""]
 
 
