@@ -18,7 +18,8 @@ Methods: int4h (kvplug's codec, CPU reference path: Hadamard + asymmetric
 4-bit, fp16 scale/zero per group), int4 (the same quantizer, same groups,
 no rotation), fp8 (cast to float8_e4m3fn and back, no scale); int4kc
 (kvplug's codec: K 4-bit per channel over each block's tokens, V as int4h)
-at 16- and 128-token blocks, in ``int4kc``, beside the others.
+and int4kcs (int4kc with each block's first token's keys exact) at 16- and
+128-token blocks, in ``int4kc``, beside the others.
 
     python bench/codec_accuracy.py   ->  bench/results/codec_accuracy.json
 """
@@ -142,7 +143,8 @@ def rel_error_kv(layers, code, causal=False) -> float:
 
 def int4kc_section(cases) -> dict:
     """int4kc beside int4h, naive INT4 and fp8: every case, and per layer for the decoders."""
-    codes = {"int4kc_block16": kv_codecs.method("int4kc", 16), "int4kc_block128": kv_codecs.method("int4kc", 128),
+    codes = {"int4kcs_block16": kv_codecs.method("int4kcs", 16), "int4kcs_block128": kv_codecs.method("int4kcs", 128),
+             "int4kc_block16": kv_codecs.method("int4kc", 16), "int4kc_block128": kv_codecs.method("int4kc", 128),
              "int4h": kv_codecs.method("int4h"), "int4": kv_codecs.method("int4"), "fp8": kv_codecs.method("fp8")}
     out = {"cases": {name: {m: round(rel_error_kv(layers, f, causal), 5) for m, f in codes.items()}
                      for name, (layers, causal) in cases.items()}}
@@ -154,7 +156,7 @@ def int4kc_section(cases) -> dict:
     out["compression_vs_bf16"] = {
         f"head{d}_block{t}": {c: round(get_codec("raw", KVLayout(1, 8, d, t, "bfloat16")).layer_bytes
                                        / get_codec(c, KVLayout(1, 8, d, t, "bfloat16")).layer_bytes, 3)
-                              for c in ("int4kc", "int4h")}
+                              for c in ("int4kcs", "int4kc", "int4h")}
         for d in (64, 128, 256) for t in (16, 128)}
     return out
 

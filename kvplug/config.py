@@ -104,7 +104,8 @@ class KVPlugConfig:
     ssd_path: str | None = None
     ssd_bytes: int = 64 * 2**30
     # "raw" is bit-exact; "int4h" is Hadamard-rotated INT4 (3.76x fewer bytes); "int4kc" is
-    # INT4 with keys per channel over the block (3.76x at 128-token blocks; README's figures).
+    # INT4 with keys per channel over the block (3.76x at 128-token blocks; README's figures);
+    # "int4kcs" is int4kc with each block's first token's keys exact (3.71x at head 128).
     codec: str = "raw"
     # int4h (int4kc: values) quantization group along head_dim; 0 means the whole head.
     int4h_group: int = 0
@@ -170,7 +171,7 @@ class KVPlugConfig:
     remote_fetch_blocks: int = 64
 
     _CHOICES = {
-        "codec": ("raw", "int4h", "int4kc"),
+        "codec": ("raw", "int4h", "int4kc", "int4kcs"),
         "eviction": ("lru", "s3fifo"),
         "o_direct": ("auto", "on", "off"),
         "ssd_write": ("through", "back"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvplug import codec_reference as ref
-from kvplug.codec import get_codec
+from kvplug.codec import CODECS, get_codec
 from kvplug.layout import BlockStrides, KVLayout, paged_view
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -193,3 +193,28 @@ def test_int4kc_chunks_match_one_pass(monkeypatch):
     monkeypatch.setattr(ref, "CHUNK_ELEMS", 1 << 22)
     codec.decode(whole, b, ids)
     assert torch.equal(a, b)
+
+
+def test_int4kcs_sizes_format_and_exact_sink():
+    def ratio(t, d):
+        lay = KVLayout(1, 8, d, t, "bfloat16")
+        return get_codec("raw", lay).layer_bytes / get_codec("int4kcs", lay).layer_bytes
+
+    lay = KVLayout(1, 2, 64, 16)
+    q = get_codec("int4kcs", lay)
+    assert q.layer_bytes == get_codec("int4kc", lay).layer_bytes + 2 * 64 * 2  # + token 0's K, bf16 [H, D]
+    assert ratio(128, 128) >= 3.7 and ratio(128, 256) >= 3.75  # the goal: >= 3.7x at head 128
+    assert q.describe()["name"] == "int4kcs" and q.describe() != get_codec("int4kc", lay).describe()
+    from kvplug.tiers.remote_record import CODECS as REMOTE_CODECS
+    assert set(REMOTE_CODECS) == set(CODECS)  # every codec has its id on the wire
+    with pytest.raises(ValueError, match="block_tokens >= 2"):
+        get_codec("int4kcs", KVLayout(1, 2, 64, 1))
+    _, view = paged("cpu_packed", 3, lay)
+    view[:, 0, 0, :, :4] *= 300.0  # sink keys far out in a few channels
+    buf = torch.zeros(2, q.layer_bytes, dtype=torch.uint8)
+    q.encode(view, [2, 0], buf)
+    _, out = paged("cpu_packed", 3, lay, seed=1)
+    q.decode(buf, out, [2, 0])
+    assert torch.equal(out[[2, 0], 0, 0], view[[2, 0], 0, 0])  # the sink, bit for bit
+    rest = (out[[2, 0], 0, 1:] - view[[2, 0], 0, 1:]).float().norm() / view[[2, 0], 0, 1:].float().norm()
+    assert rest < 0.1  # the other 15 tokens keep their own channel ranges

@@ -33,6 +33,7 @@ def test_bad_choice_names_key_value_and_accepted():
     msg = str(e.value)
     assert "codec" in msg and "'zstd'" in msg and "'raw'" in msg and "'int4h'" in msg and "'int4kc'" in msg
     assert KVPlugConfig.from_dict({"codec": "int4kc", "int4h_group": 32}).codec == "int4kc"
+    assert "'int4kcs'" in msg and KVPlugConfig.from_dict({"codec": "int4kcs"}).codec == "int4kcs"
 
 
 def test_bad_size_names_key_and_format():

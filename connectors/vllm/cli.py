@@ -24,7 +24,8 @@ OPTIONS = {
     "ssd_path": ("--kvplug-ssd-path", "Directory of the persistent SSD tier (off when not given)."),
     "ssd_bytes": ("--kvplug-ssd-bytes", 'SSD tier size, e.g. "100GiB".'),
     "codec": ("--kvplug-codec", '"raw" (bit-exact), "int4h" (Hadamard-rotated INT4, ~3.7x smaller) or '
-                                '"int4kc" (INT4, keys per channel: for models with key biases such as Qwen2).'),
+                                '"int4kc" (INT4, keys per channel: for models with key biases such as Qwen2), '
+                                '"int4kcs" (int4kc, each block\'s first token\'s keys exact: the attention sink).'),
 }
 
 

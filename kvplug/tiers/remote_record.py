@@ -28,7 +28,7 @@ from kvplug.keys import KEY_BYTES, block_key
 
 MAGIC = b"KVPR"
 VERSION = 1
-CODECS = {"raw": 0, "int4h": 1}
+CODECS = {"raw": 0, "int4h": 1, "int4kc": 2, "int4kcs": 3}  # every codec of kvplug.codec.CODECS
 HEADER = struct.Struct("<4sHBBIQ16s16s16s")
 SUM_BYTES = 16
 # Why a record was refused: the counters ``RemoteTier.stats`` reports.
