@@ -20,7 +20,7 @@ from kvplug.index import PrefixIndex
 from kvplug.keys import chain_keys
 from kvplug.store import TieredStore
 from kvplug.tiers.manifest import Row
-from test_store import BLOCK, LAYOUT, ROOT, STRIDE, check_bytes, put_chain
+from store_helpers import BLOCK, LAYOUT, ROOT, STRIDE, check_bytes, put_chain
 
 COLUMNS = ", ".join(Row._fields)
 TOKENS = list(range(100, 110))  # blocks of 4, 4 and a 2-token tail
