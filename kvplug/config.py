@@ -157,6 +157,9 @@ class KVPlugConfig:
     remote_password: str | None = None
     # Prefix of every key kvplug writes: one per deployment sharing a server.
     remote_namespace: str = "kvplug"
+    # rediss:// only: a PEM file of the CA certificates to trust instead of the system's (a private
+    # CA in front of the pool: stunnel, Envoy, the server's own TLS). The host name is checked too.
+    remote_tls_ca_file: str | None = None
     # Socket timeout of each round trip, and how long an unreachable server is left alone.
     remote_timeout_s: float = 0.5
     remote_retry_s: float = 5.0

@@ -27,6 +27,8 @@ def check(cfg) -> None:
         if cfg.remote_cluster == "off" and len(url.nodes) > 1:
             raise ConfigError(_message("remote_cluster", cfg.remote_cluster,
                                        f"'auto' or 'on': remote_url names {len(url.nodes)} seed nodes"))
+    if cfg.remote_tls_ca_file is not None:
+        _check_ca_file(cfg, _message, ConfigError)
     if cfg.remote_password is not None and not _INTEGRITY_REF.match(cfg.remote_password):
         raise ConfigError(_INTEGRITY_HIDDEN.replace("integrity_key", "remote_password"))
     if cfg.remote_username is not None and not re.fullmatch(r"[A-Za-z0-9_.@-]{1,128}", cfg.remote_username):
@@ -41,3 +43,16 @@ def check(cfg) -> None:
     for key, high in (("remote_queue_blocks", 1 << 20), ("remote_fetch_blocks", 4096)):
         if not 1 <= getattr(cfg, key) <= high:
             raise ConfigError(_message(key, getattr(cfg, key), f"an integer in [1, {high}]"))
+
+
+def _check_ca_file(cfg, message, error) -> None:
+    """A readable PEM file of CA certificates, for a rediss:// URL."""
+    import ssl
+
+    accepted = "a readable PEM file of CA certificates, with a rediss:// remote_url"
+    if cfg.remote_url is None or not remote_url.parse(cfg.remote_url).tls:
+        raise error(message("remote_tls_ca_file", cfg.remote_tls_ca_file, accepted + " (remote_url is not rediss://)"))
+    try:
+        ssl.create_default_context(cafile=cfg.remote_tls_ca_file)
+    except (OSError, ssl.SSLError, ValueError, TypeError) as e:
+        raise error(message("remote_tls_ca_file", cfg.remote_tls_ca_file, f"{accepted} ({e})")) from None

@@ -88,7 +88,7 @@ class RemoteTransfers:
             codec=config.codec, namespace=config.remote_namespace,
             cluster={"auto": None, "on": True, "off": False}[config.remote_cluster],
             username=config.remote_username, password=config.remote_secret(), timeout_s=config.remote_timeout_s,
-            retry_s=config.remote_retry_s, queue_blocks=queue_blocks, secret=config.integrity_secret(),
+            retry_s=config.remote_retry_s, tls_ca_file=config.remote_tls_ca_file, queue_blocks=queue_blocks, secret=config.integrity_secret(),
             fetches_in_flight=fetches)
 
     # -- writes (hooks called under the store's lock) ----------------------------------------

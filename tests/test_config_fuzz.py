@@ -76,7 +76,10 @@ def test_remote_settings_are_checked_together():
     for settings_dict in ({"remote_url": "redis://a:7000,b:7001", "remote_cluster": "off"},
                           {"remote_url": "redis://a:7000,b:7001/3"}, {"remote_namespace": "has space"},
                           {"remote_timeout_s": 0}, {"remote_queue_blocks": 0}, {"remote_write": "sometimes"},
-                          {"remote_fetch_blocks": 0}, {"remote_fetch_blocks": 5000}):
+                          {"remote_fetch_blocks": 0}, {"remote_fetch_blocks": 5000},
+                          {"remote_url": "rediss://a:1", "remote_tls_ca_file": "/nonexistent/ca.pem"},
+                          {"remote_url": "rediss://a:1", "remote_tls_ca_file": __file__},  # not PEM
+                          {"remote_url": "redis://a:1", "remote_tls_ca_file": "/etc/ssl/certs/ca-certificates.crt"}):
         try:
             KVPlugConfig.load(settings_dict, environ={})
         except ConfigError as e:

