@@ -61,7 +61,7 @@ class LoadHandle:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self.done_at = 0.0  # when the last read landed (time.monotonic)
-        self.first_at = 0.0  # when the first read landed: a promotion's progress
+        self.first_at = 0.0  # when the first read landed (a good one): a promotion's progress
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -110,7 +110,7 @@ class LoadHandle:
             if not ok and (self._first_failed is None or i < self._first_failed):
                 self._first_failed = i
             self._reading -= 1
-            if not self.first_at:
+            if ok and not self.first_at:  # a failed read is no progress
                 self.first_at = time.monotonic()
             if self._reading == 0:
                 self.done_at = time.monotonic()

@@ -210,7 +210,12 @@ class PrefixIndex:
         i = table[h]
         while i >= 0:
             if at(key, i << 4):
-                return False
+                if not checked or self._checked[i]:
+                    return False
+                # an unchecked (maybe forged) manifest row under a key the caller made from parent
+                # and tokens: the caller's block replaces it, never to be taken down at its check
+                self.remove(key)
+                return self.insert(key, parent, tokens, checked)
             h = (h + 1) & mask
             i = table[h]
         if type(tokens) is not np.ndarray or tokens.dtype is not _INT64:

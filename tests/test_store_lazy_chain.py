@@ -103,3 +103,17 @@ def test_index_checks_bulk_loaded_blocks_once():
     assert index.match(list(range(12))) == [(keys[0], 4), (keys[1], 4)]
     assert index.bad == [keys[2]] and keys[2] not in index
     assert bytes(index._checked[:2]) == b"\1\1"  # checked once: later matches compare nothing
+
+
+def test_a_block_made_by_its_caller_replaces_an_unchecked_row_of_its_key():
+    """A forged row (its key, other tokens) loaded unchecked, then the real block stored: the real
+    one is kept and served; the forged row never takes it down at its check."""
+    keys = chain_keys(ROOT, list(range(8)), 4)
+    forged = index_bulk.Blocks.of([(keys[0], ROOT, np.array([9, 9, 9, 9]))])
+    forged.checked = False
+    index = PrefixIndex(ROOT, 4)
+    assert index_bulk.load(index, forged) == 1
+    assert index.insert(keys[0], ROOT, list(range(4)))   # the caller made keys[0] from these
+    assert index.insert(keys[1], keys[0], list(range(4, 8)))
+    assert index.match(list(range(8))) == [(keys[0], 4), (keys[1], 4)] and index.bad == []
+    assert not index.insert(keys[0], ROOT, list(range(4)))  # checked now: stored once

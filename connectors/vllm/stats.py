@@ -41,9 +41,9 @@ COUNTERS = {
     "slab_unpinned": "Workers whose CPU slab could not be page-locked (GPU transfers fall back to the host transport)",
     "load_bytes": "Bytes decoded from kvplug slots into vLLM's KV cache",
     "save_bytes": "Bytes encoded from vLLM's KV cache into kvplug slots",
-    "ssd_read_bytes": "Bytes read from the SSD tier (promotions to the CPU tier)",
-    "ssd_write_bytes": "Bytes written to the SSD tier (write-through or write-back)",
-    "remote_read_bytes": "Record bytes fetched from the remote tier",
+    "ssd_read_bytes": "Block bytes promoted from the SSD tier (verified reads)",
+    "ssd_write_bytes": "Block bytes written to the SSD tier (write-through or write-back)",
+    "remote_read_bytes": "Record bytes fetched from the remote tier (verified records)",
     "remote_write_bytes": "Record bytes written to the remote tier",
 }
 

@@ -137,6 +137,7 @@ class SSDTier(SSDWorkers, SSDStartup):
             os.close(self._lock_fd)
             raise
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._rejects: list[threading.Thread] = []  # deleting the manifest rows of rejected blocks
         self._threads = [threading.Thread(target=self._work, name=f"kvplug-ssd-{i}", daemon=True)
                          for i in range(io_threads + PREPARE_AHEAD)]
         for t in self._threads:
@@ -174,13 +175,30 @@ class SSDTier(SSDWorkers, SSDStartup):
     def reject(self, keys: list[bytes]) -> None:
         """Blocks whose manifest row the index found not to chain (key is not the hash of its
         parent and tokens): dropped and counted as manifest corruptions, never served."""
+        detached = []
         for key in keys:
             e = self._index.live(key)
             if e is None:
                 continue
             for name in ("corruptions", "corruptions_manifest", "corruptions_manifest_chain"):
                 self._index.count(name)
-            self._drop(key, e)
+            self._startup_entries = None
+            if self._index.detach(key, e):
+                detached.append((key, e))
+        if detached:  # a lookup on vLLM's scheduler thread found them: the rows go on another thread
+            t = threading.Thread(target=self._forget_rows, args=(detached,), name="kvplug-ssd-reject", daemon=True)
+            self._rejects.append(t)
+            t.start()
+
+    def _forget_rows(self, detached: list[tuple[bytes, Entry]]) -> None:
+        """The manifest rows of detached blocks deleted; their slots reusable after (as ``_drop``)."""
+        try:
+            self._manifest.delete([key for key, _ in detached])
+        except sqlite3.Error as err:
+            self._fault("manifest", err)
+            return  # the rows may survive: never reuse their slots in this run
+        for _, e in detached:
+            self._index.dropped(e)
 
     def contains(self, key: bytes) -> bool:
         return self._index.contains(key)
@@ -249,6 +267,8 @@ class SSDTier(SSDWorkers, SSDStartup):
         if not self._threads:
             return
         deadline = time.monotonic() + timeout
+        for t in self._rejects:
+            t.join(max(0.0, deadline - time.monotonic()))
         if not self.flush(timeout):
             log.warning("kvplug SSD tier at %s: writes still in flight after %.0f s at close; left behind",
                         self.path, timeout)
