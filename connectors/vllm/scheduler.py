@@ -6,15 +6,14 @@ transfer in flight is a job (jobs.py). The worker only copies bytes; nothing
 becomes visible in the store until every worker says its bytes are written,
 and nothing pinned is unpinned before every worker is done.
 
-A request's blocks are keyed from its own root (identity.py: LoRA adapter and
-its files, cache salt, the store's epoch), for lookups and saves alike; a
-request kvplug cannot key (prompt embeddings, multimodal) is neither stored nor
-loaded. With load_policy=auto a hit is loaded only when kvplug.policy.LoadPolicy
-says loading beats recomputing, from prefill steps and SSD promotions it times.
+A request's blocks are keyed from its own root (identity.py: LoRA, salt, epoch);
+a request kvplug cannot key (prompt embeddings, multimodal) is skipped. With
+load_policy=auto a hit loads only where LoadPolicy says it beats recomputing.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter, deque
@@ -112,18 +111,25 @@ class SchedulerHalf:
         if new < self.config.min_hit_tokens:
             return False
         refs = hit.blocks[num_computed_tokens // self.T:]
-        tiers = Counter(r.tier for r in refs)
-        if not self.policy.should_load(new, {t: n * self.geo.block_bytes for t, n in tiers.items()},
-                                       self.config.promotion_min_wait_s) or \
-                tiers["ssd"] and self.promotions.suspect():  # the SSD still reads a promotion given up on
-            self.stats.add("policy_skipped_tokens", new)
+        if not self._worth_loading(new, refs):  # the SSD too slow (or still reading): the CPU blocks before it
             self.promotions.skipped(refs)
-            return False
+            refs = list(itertools.takewhile(lambda r: r.tier != "ssd", refs))
+            kept = sum(r.num_tokens for r in refs)
+            if kept == new or kept < self.config.min_hit_tokens or not self._worth_loading(kept, refs):
+                kept = 0
+            self.stats.add("policy_skipped_tokens", new - kept)
+            if not kept:
+                return False
         st.move(LoadPhase.PINNED)
         st.handle = self.store.prepare_load(refs)
         st.lookup_from = num_computed_tokens
         self.promotions.started(st)
         return True
+
+    def _worth_loading(self, tokens: int, refs: list) -> bool:
+        tiers = Counter(r.tier for r in refs)  # (no SSD load while it still reads one given up on)
+        return not (tiers["ssd"] and self.promotions.suspect()) and self.policy.should_load(
+            tokens, {t: n * self.geo.block_bytes for t, n in tiers.items()}, self.config.promotion_min_wait_s)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)

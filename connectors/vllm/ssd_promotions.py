@@ -81,7 +81,7 @@ class SSDPromotions:
     def skipped(self, refs: list[BlockRef]) -> None:
         """The policy judged the SSD too slow for this hit: probe it in the background now and then."""
         ssd = [r.key for r in refs if r.tier == "ssd"]
-        if ssd and self.policy.probe_due("ssd"):
+        if ssd and not self._late and self.policy.probe_due("ssd"):  # a probe behind late reads measures the queue
             self.store.probe_ssd(ssd[0], self._probed)
 
     def _probed(self, ok: bool, seconds: float) -> None:

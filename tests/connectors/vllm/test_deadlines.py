@@ -141,3 +141,31 @@ def test_no_block_landed_within_a_twentieth_of_recomputing_gives_up_and_blocks_n
         assert not e.sched.promotions.suspect()
     finally:
         e.close()
+
+
+def test_a_disk_judged_slow_still_lets_the_cpu_blocks_before_it_load(tmp_path, monkeypatch):
+    ssd = stored_on_ssd(tmp_path)
+    landed = slow_reads(monkeypatch, 0.3)
+    e = Engine(tmp_path, "two", ssd_path=ssd, ssd_bytes="16MiB", promotion_timeout_s=0.05,
+               promotion_min_wait_s=0)
+    try:
+        e.sched.policy.observe_prefill(4700, 1.0)  # recomputing 47 tokens: 10 ms
+        b = e.request("b", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (None, False)
+        time.sleep(0.1)
+        assert e.sched.get_num_new_matched_tokens(b, 0) == (0, False)  # timed out: the SSD is slow
+        assert landed.wait(5)
+        time.sleep(0.1)  # the late reads landed in the CPU tier: take the last two out again
+        store, root = e.sched.store, e.sched._reqs["b"].root
+        keys = [r.key for r in store.lookup(PROMPT[:-1], root).blocks]
+        with store._lock:
+            assert all(store._evict(k, []) for k in keys[1:])
+        e.sched.promotions.observe_late()
+        assert [r.tier for r in store.lookup(PROMPT[:-1], root).blocks] == ["cpu", "ssd", "ssd"]
+        e.sched.policy.observe_load("ssd", 1 << 20, 10.0)  # and the SSD known very slow
+        skipped = e.sched.stats.data.get("policy_skipped_tokens", 0)
+        c = e.request("c", PROMPT)
+        assert e.sched.get_num_new_matched_tokens(c, 0) == (16, False)  # block 0, from the CPU tier, loads
+        assert e.sched.stats.data["policy_skipped_tokens"] - skipped == len(PROMPT) - 1 - 16
+    finally:
+        e.close()
