@@ -64,6 +64,7 @@ class LoadPolicy:
         self._prefill_tps = _Rate()
         self._first: dict[str, _Rate] = {}   # tier -> promotions per second until the first block lands
         self._seen: dict[str, float] = {}  # tier -> when its speed was last observed
+        self._stalled: dict[str, float] = {}  # tier -> seconds a promotion waited and landed nothing
         self._lock = threading.Lock()
 
     def observe_load(self, tier: str, nbytes: int, seconds: float) -> None:
@@ -76,6 +77,8 @@ class LoadPolicy:
         with self._lock:
             self._first.setdefault(tier, _Rate(follow=True)).observe(1.0, seconds)
             self._seen[tier] = time.monotonic()
+            if seconds < self._stalled.get(tier, 0.0):  # landed sooner than a stalled one waited
+                del self._stalled[tier]
 
     def observe_timeout(self, tier: str, nbytes: int, seconds: float, landed_any: bool = True) -> None:
         """A promotion of ``nbytes`` had not finished after ``seconds`` (nor landed a single block,
@@ -87,6 +90,7 @@ class LoadPolicy:
             rate = self._tier_bps.setdefault(tier, _Rate(follow=True))
             rate.value = min(rate.value if rate.value is not None else float("inf"), nbytes / seconds)
             if not landed_any:
+                self._stalled[tier] = seconds
                 first = self._first.setdefault(tier, _Rate(follow=True))
                 first.value = min(first.value if first.value is not None else float("inf"), 1.0 / seconds)
             self._seen[tier] = time.monotonic()
@@ -129,8 +133,9 @@ class LoadPolicy:
         checked = bytes_by_tier if self.mode == "auto" else {t: bytes_by_tier[t] for t in slow}
         load, recompute = self.load_seconds(checked), self.recompute_seconds(tokens)
         budget = None if recompute is None else self.first_landing_budget(tokens, float("inf"), floor_s)
-        if budget is not None and any((f := self.first_seconds(t)) is not None and f >= budget for t in slow):
-            return False  # its first block would come too late: the promotion would be given up
+        if budget is not None and any(t in self._stalled and (f := self.first_seconds(t)) is not None
+                                      and f >= budget for t in slow):
+            return False  # a promotion of it stalled, its first block would come too late: given up again
         return load is None or recompute is None or load * self.margin < recompute
 
     def probe_due(self, tier: str) -> bool:
