@@ -212,8 +212,7 @@ class PrefixIndex:
             if at(key, i << 4):
                 if not checked or self._checked[i]:
                     return False
-                # an unchecked (maybe forged) manifest row under a key the caller made from parent
-                # and tokens: the caller's block replaces it, never to be taken down at its check
+                # an unchecked (maybe forged) manifest row under the caller's own key: replaced
                 self.remove(key)
                 return self.insert(key, parent, tokens, checked)
             h = (h + 1) & mask

@@ -48,7 +48,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from kvplug.tiers import remote_record
-from kvplug.tiers.remote_pipeline import NodePipelines
+from kvplug.tiers.remote_pipeline import NodePipelines, by_bytes
 from kvplug.tiers.remote_url import RemoteURL
 
 log = logging.getLogger("kvplug")
@@ -236,7 +236,7 @@ class RemoteTier:
             return ok
         names = [self.name(batch[i].key) for i in sent]
         counts: Counter = Counter()
-        for lo, hi in _by_bytes(records, PIPELINE_BYTES):
+        for lo, hi in by_bytes(records, PIPELINE_BYTES):
             try:
                 results, ran = self._nodes.run(client, names[lo:hi],
                                                lambda pipe, j, lo=lo: pipe.set(names[lo + j], records[lo + j]))
@@ -382,18 +382,6 @@ class RemoteTier:
         self._reader.shutdown(wait=True, cancel_futures=True)  # a fetch in flight ends within timeout_s
         if self._client is not None:
             _close_quietly(self._client)
-
-
-def _by_bytes(records: list, limit: int):
-    """(lo, hi) ranges of ``records`` in order, each under ``limit`` bytes or a single record."""
-    lo, size = 0, 0
-    for i, rec in enumerate(records):
-        if i > lo and size + len(rec) > limit:
-            yield lo, i
-            lo, size = i, 0
-        size += len(rec)
-    if lo < len(records):
-        yield lo, len(records)
 
 
 def _close_quietly(client) -> None:

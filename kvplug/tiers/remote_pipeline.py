@@ -161,3 +161,15 @@ class NodePipelines:
                 continue
             groups.append((node.name, client.get_redis_connection(node), idxs, asking))
         return groups + (self._groups(client, names, owner, replies) if owner else [])
+
+
+def by_bytes(records: list, limit: int):
+    """(lo, hi) ranges of ``records`` in order, each under ``limit`` bytes or a single record."""
+    lo, size = 0, 0
+    for i, rec in enumerate(records):
+        if i > lo and size + len(rec) > limit:
+            yield lo, i
+            lo, size = i, 0
+        size += len(rec)
+    if lo < len(records):
+        yield lo, len(records)

@@ -191,12 +191,13 @@ class SSDTier(SSDWorkers, SSDStartup):
             t.start()
 
     def _forget_rows(self, detached: list[tuple[bytes, Entry]]) -> None:
-        """The manifest rows of detached blocks deleted; their slots reusable after (as ``_drop``)."""
+        """The manifest rows of detached blocks deleted, then their slots reusable (a failed delete
+        may leave the rows: their slots are never reused in this run)."""
         try:
             self._manifest.delete([key for key, _ in detached])
         except sqlite3.Error as err:
             self._fault("manifest", err)
-            return  # the rows may survive: never reuse their slots in this run
+            return
         for _, e in detached:
             self._index.dropped(e)
 
@@ -248,14 +249,7 @@ class SSDTier(SSDWorkers, SSDStartup):
     def delete_all(self) -> None:
         """Drop every block of this fingerprint (a cache reset), in one transaction."""
         self._startup_entries = None
-        victims = self._index.detach_all()
-        try:
-            self._manifest.delete([key for key, _ in victims])
-        except sqlite3.Error as err:
-            self._fault("manifest", err)
-            return  # the rows may survive: their slots stay held for this run
-        for _, e in victims:
-            self._index.dropped(e)
+        self._forget_rows(self._index.detach_all())
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes in flight; False if some are still in flight after ``timeout``."""
@@ -336,14 +330,8 @@ class SSDTier(SSDWorkers, SSDStartup):
     def _drop(self, key: bytes, e: Entry) -> None:
         """Forget a block; its slot is reusable once the row is gone and no read holds it."""
         self._startup_entries = None
-        if not self._index.detach(key, e):
-            return
-        try:
-            self._manifest.delete([key])
-        except sqlite3.Error as err:
-            self._fault("manifest", err)
-            return  # the row may survive: never reuse its slot in this run
-        self._index.dropped(e)
+        if self._index.detach(key, e):
+            self._forget_rows([(key, e)])
 
     def _report_drops(self, keys: list[bytes]) -> None:
         """Tell the owner (``on_drop``) which blocks the tier forgot on its own. No lock is held.

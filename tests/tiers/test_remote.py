@@ -353,8 +353,8 @@ def test_tls_with_the_wrong_ca_is_a_degraded_tier_not_a_crash(tls_terminator):
 
 
 def test_large_records_go_out_alone_small_ones_share_a_pipeline():
-    from kvplug.tiers.remote import _by_bytes
+    from kvplug.tiers.remote_pipeline import by_bytes
 
     sizes = [10, 10, 10, 100, 5, 5, 200]
-    assert list(_by_bytes([b"x" * n for n in sizes], 30)) == [(0, 3), (3, 4), (4, 6), (6, 7)]
-    assert list(_by_bytes([], 30)) == []
+    assert list(by_bytes([b"x" * n for n in sizes], 30)) == [(0, 3), (3, 4), (4, 6), (6, 7)]
+    assert list(by_bytes([], 30)) == []
